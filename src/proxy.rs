@@ -1,0 +1,10 @@
+//! The data path: routing, upstream connections, and the plaintext front ends.
+
+pub mod accept;
+pub mod connect;
+pub mod error;
+pub mod relay;
+pub mod route;
+pub mod tcp;
+
+pub use error::UpstreamError;

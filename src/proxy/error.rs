@@ -1,0 +1,176 @@
+//! Upstream failures as data: one variant per thing an operator can act on, with a stable
+//! `kind()` that is the metric label, the log field and the `x-mtls-sidecar-error` value.
+
+use std::io;
+
+use rustls::{AlertDescription, CertificateError};
+
+/// Why an upstream connection or exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The TLS context has no generation yet.
+    #[error(
+        "TLS context `{context}` has no usable client certificate yet; check the Secret volume and /certs"
+    )]
+    NoClientIdentity {
+        /// The context.
+        context: String,
+    },
+    /// Name resolution failed.
+    #[error("DNS lookup of {host} failed: {message}")]
+    Dns {
+        /// The name.
+        host: String,
+        /// Resolver message.
+        message: String,
+    },
+    /// Name resolution took too long.
+    #[error("DNS lookup of {host} timed out")]
+    DnsTimeout {
+        /// The name.
+        host: String,
+    },
+    /// Connection refused (nothing listening).
+    #[error("connection to {addr} refused: is the upstream listening on that port?")]
+    ConnectRefused {
+        /// Address tried.
+        addr: String,
+    },
+    /// TCP connect did not finish in time.
+    #[error("TCP connect to {addr} timed out")]
+    ConnectTimeout {
+        /// Address tried.
+        addr: String,
+    },
+    /// Another connect error (unreachable, …).
+    #[error("TCP connect to {addr} failed: {source}")]
+    Connect {
+        /// Address tried.
+        addr: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The TLS handshake did not finish in time.
+    #[error("TLS handshake with {addr} timed out: the upstream may not speak TLS on that port")]
+    HandshakeTimeout {
+        /// Address.
+        addr: String,
+    },
+    /// TLS failed (verification, alert, protocol).
+    #[error("TLS with {addr} failed ({kind}): {source}")]
+    Tls {
+        /// Address.
+        addr: String,
+        /// Classified reason.
+        kind: &'static str,
+        /// The rustls error.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The connection broke.
+    #[error("connection to {addr} failed: {source}")]
+    Io {
+        /// Address.
+        addr: String,
+        /// Classified reason.
+        kind: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl UpstreamError {
+    /// Stable snake_case reason.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoClientIdentity { .. } => "no_client_identity",
+            Self::Dns { .. } => "dns_error",
+            Self::DnsTimeout { .. } => "dns_timeout",
+            Self::ConnectRefused { .. } => "connect_refused",
+            Self::ConnectTimeout { .. } => "connect_timeout",
+            Self::Connect { .. } => "connect_error",
+            Self::HandshakeTimeout { .. } => "handshake_timeout",
+            Self::Tls { kind, .. } | Self::Io { kind, .. } => kind,
+        }
+    }
+
+    /// Classifies an I/O error from a TLS stream (handshake or data phase).
+    pub fn from_io(addr: &str, e: io::Error) -> Self {
+        match tls_error(&e) {
+            Some(t) => UpstreamError::Tls {
+                addr: addr.to_owned(),
+                kind: classify_tls(t),
+                source: t.clone(),
+            },
+            None => UpstreamError::Io {
+                addr: addr.to_owned(),
+                kind: classify_io(&e),
+                source: e,
+            },
+        }
+    }
+}
+
+/// Stable reason for any error on an upstream stream (TLS alert or plain I/O).
+pub fn io_kind(e: &io::Error) -> &'static str {
+    tls_error(e).map_or_else(|| classify_io(e), classify_tls)
+}
+
+/// The rustls error inside a tokio-rustls `io::Error`, if any.
+pub fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// Stable reason for a rustls error.
+pub fn classify_tls(e: &rustls::Error) -> &'static str {
+    use rustls::Error as E;
+    match e {
+        E::InvalidCertificate(ce) => match ce {
+            CertificateError::UnknownIssuer => "unknown_issuer",
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "bad_san"
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "cert_expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "cert_not_yet_valid"
+            }
+            CertificateError::Revoked => "cert_revoked",
+            _ => "bad_certificate",
+        },
+        E::AlertReceived(a) => match a {
+            AlertDescription::BadCertificate
+            | AlertDescription::CertificateRequired
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::AccessDenied => "peer_rejected_client_cert",
+            AlertDescription::NoApplicationProtocol => "alpn_mismatch",
+            AlertDescription::ProtocolVersion => "tls_version_mismatch",
+            AlertDescription::HandshakeFailure => "handshake_failure",
+            _ => "tls_alert",
+        },
+        E::NoApplicationProtocol => "alpn_mismatch",
+        E::PeerIncompatible(_) => "tls_incompatible",
+        E::InvalidMessage(_)
+        | E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. } => "tls_protocol_error",
+        _ => "tls_error",
+    }
+}
+
+/// Stable reason for a plain I/O error on an upstream connection.
+pub fn classify_io(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::UnexpectedEof => "upstream_reset",
+        io::ErrorKind::TimedOut => "upstream_timeout",
+        _ => "io_error",
+    }
+}

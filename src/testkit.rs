@@ -1,0 +1,6 @@
+//! Tools the `demo` command and the tests share: a throwaway PKI, Secret directories written
+//! exactly as the kubelet writes them, and upstreams that require client certificates.
+
+pub mod pki;
+pub mod secret_dir;
+pub mod upstream;

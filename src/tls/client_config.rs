@@ -1,0 +1,126 @@
+//! Material + options → rustls `ClientConfig`s, once per generation and never per connection.
+
+use std::sync::Arc;
+
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::{
+    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Resumption,
+    WebPkiServerVerifier,
+};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, SignatureScheme};
+
+use super::material::Material;
+use super::options;
+use super::verify::{InsecureVerifier, UpstreamVerifier};
+use crate::config::TlsContextConfig;
+
+/// Session tickets kept per generation.
+const SESSION_CACHE_SIZE: usize = 256;
+
+/// The client configurations of one generation. All share one session cache, which belongs
+/// to the generation and is dropped with it.
+#[derive(Debug)]
+pub struct ClientConfigs {
+    /// The context's own ALPN setting (none unless configured): TCP mappings.
+    pub tcp: Arc<ClientConfig>,
+    /// `h2, http/1.1` (or the configured list): HTTP/1.1 downstreams.
+    pub http: Arc<ClientConfig>,
+    /// `h2` only (or the configured list): h2c/gRPC downstreams.
+    pub h2: Arc<ClientConfig>,
+}
+
+/// Always presents the same client certificate.
+#[derive(Debug)]
+struct FixedClientCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for FixedClientCert {
+    fn resolve(
+        &self,
+        _root_hints: &[&[u8]],
+        _schemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Why a configuration could not be built (material was already validated, so this is rare).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the TLS client configuration: {0}")]
+pub struct BuildError(pub String);
+
+/// Builds the generation's configs.
+pub fn build(ctx: &TlsContextConfig, material: &Material) -> Result<ClientConfigs, BuildError> {
+    let provider = Arc::new(options::provider_for(ctx).map_err(|errs| {
+        BuildError(
+            errs.into_iter()
+                .map(|(f, e)| format!("{f}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?);
+    let versions = options::versions(
+        ctx.min_tls_version.as_deref(),
+        ctx.max_tls_version.as_deref(),
+    )
+    .map_err(|errs| {
+        BuildError(
+            errs.into_iter()
+                .map(|(_, e)| e)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    let algs = provider.signature_verification_algorithms;
+    let verifier: Arc<dyn ServerCertVerifier> = if ctx.insecure_skip_verify {
+        Arc::new(InsecureVerifier::new(algs))
+    } else {
+        let roots = material
+            .roots
+            .clone()
+            .ok_or_else(|| BuildError("no CA bundle to verify the upstream with".to_owned()))?;
+        let webpki = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .with_crls(material.crls.iter().cloned())
+            .build()
+            .map_err(|e| BuildError(e.to_string()))?;
+        let identities = ctx
+            .subject_alt_names
+            .iter()
+            .map(|s| options::identity(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(BuildError)?;
+        Arc::new(UpstreamVerifier::new(webpki, roots, identities, algs))
+    };
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&versions)
+        .map_err(|e| BuildError(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut base = match &material.certified {
+        Some(ck) => builder.with_client_cert_resolver(Arc::new(FixedClientCert(ck.clone()))),
+        None => builder.with_no_client_auth(),
+    };
+    let store: Arc<dyn ClientSessionStore> =
+        Arc::new(ClientSessionMemoryCache::new(SESSION_CACHE_SIZE));
+    base.resumption = Resumption::store(store);
+    let configured: Option<Vec<Vec<u8>>> = ctx
+        .alpn_protocols
+        .as_ref()
+        .map(|l| l.0.iter().map(|p| p.as_bytes().to_vec()).collect());
+    let with_alpn = |default: &[&[u8]]| {
+        let mut c = base.clone();
+        c.alpn_protocols = configured
+            .clone()
+            .unwrap_or_else(|| default.iter().map(|p| p.to_vec()).collect());
+        Arc::new(c)
+    };
+    Ok(ClientConfigs {
+        tcp: with_alpn(&[]),
+        http: with_alpn(&[b"h2", b"http/1.1"]),
+        h2: with_alpn(&[b"h2"]),
+    })
+}
