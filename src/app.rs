@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use crate::config::Config;
 use crate::metrics::{self as m, Metrics};
 use crate::proxy::accept::{Overload, accept_loop};
+use crate::proxy::http::HttpProxy;
 use crate::proxy::tcp::TcpMapping;
 use crate::shutdown::Shutdown;
 use crate::tls::TlsStore;
@@ -59,19 +60,13 @@ impl Readiness {
         if self.shutdown.is_draining() {
             missing.push("draining: the sidecar is shutting down".to_owned());
         }
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(missing)
-        }
+        if missing.is_empty() { Ok(()) } else { Err(missing) }
     }
 
     /// Recomputes the `ready` gauge.
     pub fn refresh(&self) {
         let ready = self.check().is_ok();
-        self.metrics
-            .gauge(m::READY, &[])
-            .set(if ready { 1.0 } else { 0.0 });
+        self.metrics.gauge(m::READY, &[]).set(if ready { 1.0 } else { 0.0 });
     }
 }
 
@@ -79,6 +74,8 @@ impl Readiness {
 pub struct Sidecar {
     /// The effective configuration.
     pub config: Arc<Config>,
+    /// Bound address of the HTTP listener.
+    pub http_addr: Option<SocketAddr>,
     /// Bound address of each TCP mapping, by name.
     pub tcp_addrs: BTreeMap<String, SocketAddr>,
     /// Credentials.
@@ -95,13 +92,11 @@ pub struct Sidecar {
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: what.to_owned(),
-            addr,
-            source,
-        })
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+        what: what.to_owned(),
+        addr,
+        source,
+    })
 }
 
 /// Starts everything; returns once every listener is bound and every context was tried once.
@@ -112,10 +107,16 @@ pub async fn start(config: Config) -> Result<Sidecar, StartError> {
     let shutdown = Shutdown::new();
     let cap = Arc::new(Semaphore::new(config.limits.max_connections));
 
+    let http = match &config.listeners.http {
+        Some(l) => {
+            let proxy = HttpProxy::new(&config, &store, &metrics, shutdown.clone()).map_err(StartError::Mapping)?;
+            Some((proxy, bind("listeners.http", l.address).await?))
+        }
+        None => None,
+    };
     let mut tcp = Vec::new();
     for mc in &config.tcp_mappings {
-        let mapping =
-            TcpMapping::new(mc, &store, &metrics, &config.limits).map_err(StartError::Mapping)?;
+        let mapping = TcpMapping::new(mc, &store, &metrics, &config.limits).map_err(StartError::Mapping)?;
         let listener = bind(&format!("tcp_mappings `{}`", mc.name), mc.listen_addr()).await?;
         tcp.push((Arc::new(mapping), listener));
     }
@@ -137,14 +138,38 @@ pub async fn start(config: Config) -> Result<Sidecar, StartError> {
     )
     .await;
 
+    let mut http_addr = None;
+    let mut http_proxy = None;
+    if let Some((proxy, listener)) = http {
+        let addr = local_addr(&listener, "listeners.http")?;
+        http_addr = Some(addr);
+        let overload = Overload {
+            reply: OVERLOADED_503,
+            counter: metrics.counter(m::DENIED_TOTAL, &[("listener", "http"), ("reason", "overloaded")]),
+        };
+        let p = proxy.clone();
+        tokio::spawn(accept_loop(
+            listener,
+            "http".into(),
+            shutdown.clone(),
+            cap.clone(),
+            overload,
+            move |stream, peer, permit| {
+                let p = p.clone();
+                async move {
+                    p.serve_connection(stream, peer).await;
+                    drop(permit);
+                }
+            },
+        ));
+        tracing::info!(addr = %addr, mappings = config.mappings.len(), "HTTP listener ready");
+        http_proxy = Some(proxy);
+    }
     let mut tcp_addrs = BTreeMap::new();
     for (mapping, listener) in tcp {
-        let addr = listener.local_addr().map_err(|source| StartError::Bind {
-            what: mapping.name.to_string(),
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source,
-        })?;
+        let addr = local_addr(&listener, &mapping.name)?;
         tcp_addrs.insert(mapping.name.to_string(), addr);
+        let name = mapping.name.clone();
         let overload = Overload {
             reply: b"",
             counter: metrics.counter(
@@ -167,23 +192,34 @@ pub async fn start(config: Config) -> Result<Sidecar, StartError> {
                 }
             },
         ));
-        tracing::info!(listener = %tcp_addrs.len(), addr = %addr, "tcp mapping listening");
+        tracing::info!(listener = %name, addr = %addr, "TCP mapping ready");
     }
 
     let metrics_upkeep = metrics.clone();
     let stop = stop_background.clone();
+    let sweeper = http_proxy.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut n = 0u64;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => metrics_upkeep.upkeep(),
+                _ = tick.tick() => {
+                    n += 1;
+                    if let Some(p) = &sweeper {
+                        p.sweep();
+                    }
+                    if n % 5 == 0 {
+                        metrics_upkeep.upkeep();
+                    }
+                }
             }
         }
     });
     readiness.refresh();
     Ok(Sidecar {
         config,
+        http_addr,
         tcp_addrs,
         store,
         metrics,
@@ -193,6 +229,17 @@ pub async fn start(config: Config) -> Result<Sidecar, StartError> {
         stop_background,
     })
 }
+
+fn local_addr(listener: &TcpListener, what: &str) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        what: what.to_owned(),
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })
+}
+
+/// What an app gets when the connection cap is reached.
+const OVERLOADED_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nx-mtls-sidecar-error: overloaded\r\nconnection: close\r\ncontent-length: 73\r\n\r\nmtls-sidecar: too many connections (limits.max_connections); retry later\n";
 
 fn warn_subpath(store: &TlsStore) {
     for slot in store.slots() {

@@ -63,9 +63,7 @@ pub fn main(args: &ConfigArgs) -> ExitCode {
                     ),
                 }
                 if slot.config().insecure_skip_verify {
-                    println!(
-                        "  WARNING: insecure_skip_verify: upstream certificates are not verified"
-                    );
+                    println!("  WARNING: insecure_skip_verify: upstream certificates are not verified");
                 } else {
                     let earliest = g.ca.iter().min_by_key(|c| c.not_after_unix);
                     println!(
@@ -73,11 +71,7 @@ pub fn main(args: &ConfigArgs) -> ExitCode {
                         g.ca.len(),
                         g.ca_ignored,
                         earliest
-                            .map(|c| format!(
-                                "; earliest not_after={} ({})",
-                                c.not_after,
-                                expires_in(c)
-                            ))
+                            .map(|c| format!("; earliest not_after={} ({})", c.not_after, expires_in(c)))
                             .unwrap_or_default()
                     );
                 }

@@ -251,9 +251,9 @@ impl<'de> Deserialize<'de> for StringList {
             One(String),
             Many(Vec<String>),
         }
-        let items = match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected a comma-separated string or a list of strings")
-        })? {
+        let items = match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a comma-separated string or a list of strings"))?
+        {
             Raw::One(s) => s.split(',').map(str::to_owned).collect(),
             Raw::Many(v) => v,
         };

@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 
 use crate::app::{self, Sidecar};
 use crate::config::{self, ConfigSource};
+use crate::testkit::client;
+use crate::testkit::http_upstream;
 use crate::testkit::pki::{Leaf, TestCa};
 use crate::testkit::secret_dir::SecretDir;
 use crate::testkit::upstream::{self, Behavior};
@@ -52,7 +54,35 @@ fn publish(secret: &SecretDir, leaf: &Leaf, ca: &TestCa) -> anyhow::Result<()> {
         .context("writing the Secret volume")
 }
 
-fn write_config(dir: &Path, upstream: std::net::SocketAddr) -> anyhow::Result<std::path::PathBuf> {
+/// The seed example from Emissary's documentation, verbatim but for the service address
+/// (there is no cluster DNS here) and the SNI that goes with it.
+fn write_config(
+    dir: &Path,
+    https: std::net::SocketAddr,
+    tcp: std::net::SocketAddr,
+) -> anyhow::Result<std::path::PathBuf> {
+    let emissary = format!(
+        r#"---
+apiVersion: getambassador.io/v3alpha1
+kind: TLSContext
+metadata:
+  name: upstream-context
+spec:
+  hosts: []
+  secret: upstream-certs
+  sni: {UPSTREAM_NAME}
+---
+apiVersion: getambassador.io/v3alpha1
+kind: Mapping
+metadata:
+  name: upstream-mapping
+spec:
+  prefix: /upstream/
+  service: {https}
+  tls: upstream-context
+"#
+    );
+    std::fs::write(dir.join("emissary.yaml"), emissary).context("writing emissary.yaml")?;
     let yaml = format!(
         r#"# Written by `mtls-sidecar demo`.
 listeners:
@@ -60,14 +90,11 @@ listeners:
 admin: 127.0.0.1:0
 secrets_dir: {secrets}
 log: {{ level: warn }}
-tls_contexts:
-  upstream-context:
-    secret: upstream-certs
-    sni: {UPSTREAM_NAME}
+emissary_resources: [emissary.yaml]
 tcp_mappings:
   - name: orders-db
     port: 0
-    service: {upstream}
+    service: {tcp}
     tls: upstream-context
 "#,
         secrets = dir.join("secrets").display(),
@@ -77,14 +104,51 @@ tcp_mappings:
     Ok(path)
 }
 
+async fn http_exchange(sidecar: &Sidecar, expect_serial: &str) -> anyhow::Result<()> {
+    let addr = sidecar.http_addr.context("the HTTP listener is not running")?;
+    let url = format!("http://{UPSTREAM_NAME}/upstream/hello?from=demo");
+    let r = client::get_via_proxy(addr, &url)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let j = r.json();
+    println!(
+        "     HTTP/1.1 GET {url} (as with HTTP_PROXY) -> {} ; upstream saw {} {} over {} (ALPN {}), client serial {}",
+        r.head.status,
+        j["method"].as_str().unwrap_or("?"),
+        j["path"].as_str().unwrap_or("?"),
+        j["version"].as_str().unwrap_or("?"),
+        j["alpn"].as_str().unwrap_or("-"),
+        j["client_serial"].as_str().unwrap_or("?"),
+    );
+    if j["client_serial"] != expect_serial {
+        bail!(
+            "the HTTP upstream saw serial {} instead of {expect_serial}",
+            j["client_serial"]
+        );
+    }
+    let r = client::get_h2c(addr, &format!("http://{UPSTREAM_NAME}/upstream/grpc-like"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let j = r.json();
+    println!(
+        "     h2c GET /upstream/grpc-like (prior knowledge) -> {} ; upstream saw {} over {}, client serial {}",
+        r.head.status,
+        j["path"].as_str().unwrap_or("?"),
+        j["version"].as_str().unwrap_or("?"),
+        j["client_serial"].as_str().unwrap_or("?"),
+    );
+    if j["client_serial"] != expect_serial || j["version"] != "HTTP/2.0" {
+        bail!("the h2 exchange did not reach the upstream as HTTP/2 with serial {expect_serial}");
+    }
+    Ok(())
+}
+
 async fn tcp_exchange(sidecar: &Sidecar) -> anyhow::Result<String> {
     let addr = sidecar
         .tcp_addrs
         .get("orders-db")
         .context("the orders-db mapping is not listening")?;
-    let stream = TcpStream::connect(addr)
-        .await
-        .context("connecting to the sidecar")?;
+    let stream = TcpStream::connect(addr).await.context("connecting to the sidecar")?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
@@ -121,17 +185,15 @@ async fn run() -> anyhow::Result<()> {
         data.display()
     );
 
-    let up = upstream::start_tcp(
-        upstream::server_config(&server, &[], &[&ca]),
-        Behavior::ReportAndEcho,
-    )
-    .await;
+    let server_cfg = upstream::server_config(&server, &[], &[&ca]);
+    let up = upstream::start_tcp(server_cfg.clone(), Behavior::ReportAndEcho).await;
+    let https = http_upstream::start_https(server_cfg).await;
     println!(
-        "3. started an upstream on {} that requires client certificates from that CA",
-        up.addr
+        "3. started two upstreams that require client certificates from that CA: HTTPS (h2 + http/1.1) on {}, TCP on {}",
+        https.addr, up.addr
     );
 
-    let path = write_config(dir.path(), up.addr)?;
+    let path = write_config(dir.path(), https.addr, up.addr)?;
     let (cfg, _) = config::load(&ConfigSource {
         path: Some(path.clone()),
         emissary: Vec::new(),
@@ -140,12 +202,15 @@ async fn run() -> anyhow::Result<()> {
     let sidecar = app::start(cfg).await?;
     let tcp = sidecar.tcp_addrs["orders-db"];
     println!(
-        "4. started the sidecar from {} (TCP mapping orders-db on {tcp})",
-        path.display()
+        "4. started the sidecar from {} with the Emissary seed objects (HTTP on {}, TCP mapping orders-db on {tcp})",
+        path.display(),
+        sidecar.http_addr.map(|a| a.to_string()).unwrap_or_default()
     );
 
+    println!("5. app --plaintext--> sidecar --mTLS--> upstreams:");
+    http_exchange(&sidecar, &first.serial).await?;
     let seen = tcp_exchange(&sidecar).await?;
-    println!("5. app --plaintext--> sidecar --mTLS--> upstream, which answered:\n     {seen}");
+    println!("     TCP mapping orders-db -> {seen}");
     if !seen.contains(&first.serial) {
         bail!(
             "the upstream did not see the first certificate's serial {}",
@@ -159,10 +224,7 @@ async fn run() -> anyhow::Result<()> {
         "6. rotated the Secret (kubelet-style ..data swap) to a new certificate, serial {}",
         second.serial
     );
-    let slot = sidecar
-        .store
-        .get("upstream-context")
-        .context("context missing")?;
+    let slot = sidecar.store.get("upstream-context").context("context missing")?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while slot.current().is_none_or(|g| g.number < 2) {
         if Instant::now() > deadline {
@@ -170,8 +232,10 @@ async fn run() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    println!("7. the next requests, without any restart:");
+    http_exchange(&sidecar, &second.serial).await?;
     let seen = tcp_exchange(&sidecar).await?;
-    println!("7. the next connection, without any restart:\n     {seen}");
+    println!("     TCP mapping orders-db -> {seen}");
     if !seen.contains(&second.serial) {
         bail!(
             "the upstream did not see the rotated certificate's serial {}",
@@ -187,11 +251,12 @@ async fn run() -> anyhow::Result<()> {
                 || l.starts_with("mtls_sidecar_certificate_reloads_total")
                 || l.starts_with("mtls_sidecar_tls_handshakes_total")
                 || l.starts_with("mtls_sidecar_tcp_connections_total")
+                || l.starts_with("mtls_sidecar_requests_total")
                 || l.starts_with("mtls_sidecar_ready"))
     }) {
         println!("     {line}");
     }
     sidecar.close().await;
-    println!("\ndemo OK: 2 connections over mTLS, 1 live rotation, 0 restarts");
+    println!("\ndemo OK: HTTP/1.1, h2 and TCP over mTLS, 1 live rotation, 0 restarts");
     Ok(())
 }

@@ -7,9 +7,7 @@
 use std::sync::Arc;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 /// Requests proxied, by mapping, context and HTTP status.
 pub const REQUESTS_TOTAL: &str = "mtls_sidecar_requests_total";
@@ -38,8 +36,7 @@ pub const CERT_RELOADS_TOTAL: &str = "mtls_sidecar_certificate_reloads_total";
 /// Generation number currently served.
 pub const CERT_GENERATION: &str = "mtls_sidecar_certificate_generation";
 /// Time of the last successful reload.
-pub const CERT_LAST_RELOAD_SUCCESS: &str =
-    "mtls_sidecar_certificate_last_reload_success_timestamp_seconds";
+pub const CERT_LAST_RELOAD_SUCCESS: &str = "mtls_sidecar_certificate_last_reload_success_timestamp_seconds";
 /// How a context's files are watched (`inotify` or `poll`).
 pub const CERT_WATCH_MODE: &str = "mtls_sidecar_certificate_watch_mode";
 /// 1 while a context skips upstream verification.
@@ -124,20 +121,15 @@ const HELP: &[(&str, &str)] = &[
         READY,
         "1 when every listener is bound and every TLS context has credentials, 0 otherwise.",
     ),
-    (
-        BUILD_INFO,
-        "Always 1; the version label says which build this is.",
-    ),
+    (BUILD_INFO, "Always 1; the version label says which build this is."),
 ];
 
 /// Latency buckets in seconds: 100 µs to 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-static METADATA: Metadata<'static> =
-    Metadata::new("mtls_sidecar", Level::INFO, Some("mtls_sidecar"));
+static METADATA: Metadata<'static> = Metadata::new("mtls_sidecar", Level::INFO, Some("mtls_sidecar"));
 
 /// One sidecar's metrics.
 pub struct Metrics {
@@ -156,9 +148,7 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut builder = PrometheusBuilder::new();
         for name in [REQUEST_DURATION, TLS_HANDSHAKE_DURATION] {
-            builder = match builder
-                .set_buckets_for_metric(Matcher::Full(name.to_owned()), LATENCY_BUCKETS)
-            {
+            builder = match builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), LATENCY_BUCKETS) {
                 Ok(b) => b,
                 Err(_) => unreachable!("the bucket list is a non-empty constant"),
             };
@@ -168,9 +158,7 @@ impl Metrics {
             let key = KeyName::from_const_str(name);
             if name.ends_with("_total") {
                 recorder.describe_counter(key, None, (*help).into());
-            } else if name.ends_with("_seconds")
-                && (*name == REQUEST_DURATION || *name == TLS_HANDSHAKE_DURATION)
-            {
+            } else if name.ends_with("_seconds") && (*name == REQUEST_DURATION || *name == TLS_HANDSHAKE_DURATION) {
                 recorder.describe_histogram(key, None, (*help).into());
             } else {
                 recorder.describe_gauge(key, None, (*help).into());
@@ -178,8 +166,7 @@ impl Metrics {
         }
         let handle = recorder.handle();
         let m = Arc::new(Metrics { recorder, handle });
-        m.gauge(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))])
-            .set(1.0);
+        m.gauge(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))]).set(1.0);
         m.gauge(READY, &[]).set(0.0);
         m
     }
@@ -196,20 +183,17 @@ impl Metrics {
 
     /// A counter handle; create once and keep it where the label values are fixed.
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
-        self.recorder
-            .register_counter(&Self::key(name, labels), &METADATA)
+        self.recorder.register_counter(&Self::key(name, labels), &METADATA)
     }
 
     /// A gauge handle.
     pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
-        self.recorder
-            .register_gauge(&Self::key(name, labels), &METADATA)
+        self.recorder.register_gauge(&Self::key(name, labels), &METADATA)
     }
 
     /// A histogram handle.
     pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
-        self.recorder
-            .register_histogram(&Self::key(name, labels), &METADATA)
+        self.recorder.register_histogram(&Self::key(name, labels), &METADATA)
     }
 
     /// The Prometheus text exposition.

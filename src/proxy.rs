@@ -3,6 +3,8 @@
 pub mod accept;
 pub mod connect;
 pub mod error;
+pub mod http;
+pub mod pool;
 pub mod relay;
 pub mod route;
 pub mod tcp;

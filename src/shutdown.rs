@@ -14,6 +14,8 @@ pub struct Shutdown {
     pub stop_accepting: CancellationToken,
     /// Cancelled when open connections must be closed now.
     pub force_close: CancellationToken,
+    /// Cancelled when the drain starts: HTTP connections close when idle / send GOAWAY.
+    pub drain: CancellationToken,
     /// Every connection task is spawned through this.
     pub tracker: TaskTracker,
     draining: Arc<AtomicBool>,
@@ -28,6 +30,7 @@ impl Shutdown {
     /// Marks the sidecar as draining: readiness turns false, responses say `Connection: close`.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+        self.drain.cancel();
     }
 
     /// Whether a drain has started.

@@ -55,13 +55,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "h" => 3600.0,
             "" => return Err(format!("`{s}` needs a unit: ms, s, m or h (e.g. 3s)")),
             other => {
-                return Err(format!(
-                    "`{s}` has unknown unit `{other}` (use ms, s, m or h)"
-                ));
+                return Err(format!("`{s}` has unknown unit `{other}` (use ms, s, m or h)"));
             }
         };
-        let part = Duration::try_from_secs_f64(value * scale)
-            .map_err(|_| format!("`{s}` is out of range"))?;
+        let part = Duration::try_from_secs_f64(value * scale).map_err(|_| format!("`{s}` is out of range"))?;
         total = total
             .checked_add(part)
             .ok_or_else(|| format!("`{s}` is out of range"))?;
@@ -125,9 +122,7 @@ impl Visitor<'_> for DurVisitor {
         if self.bare_integers_are_ms {
             Ok(Duration::from_millis(v))
         } else {
-            Err(E::custom(format!(
-                "`{v}` needs a unit: write {v}s or {v}ms"
-            )))
+            Err(E::custom(format!("`{v}` needs a unit: write {v}s or {v}ms")))
         }
     }
 
@@ -173,11 +168,7 @@ mod tests {
     #[test]
     fn rejects_missing_or_unknown_units() {
         assert!(parse_duration("30").unwrap_err().contains("needs a unit"));
-        assert!(
-            parse_duration("3d")
-                .unwrap_err()
-                .contains("unknown unit `d`")
-        );
+        assert!(parse_duration("3d").unwrap_err().contains("unknown unit `d`"));
         assert!(parse_duration("").is_err());
         assert!(parse_duration("s").is_err());
     }

@@ -52,12 +52,7 @@ const TCPMAPPING_IGNORED: &[&str] = &[
 ];
 
 /// Reads `file` and adds its objects to `config`.
-pub fn emissary_import(
-    config: &mut Config,
-    file: &Path,
-    problems: &mut Vec<Problem>,
-    warnings: &mut Vec<Warning>,
-) {
+pub fn emissary_import(config: &mut Config, file: &Path, problems: &mut Vec<Problem>, warnings: &mut Vec<Warning>) {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
@@ -84,10 +79,7 @@ pub fn emissary_import(
                 "is not a Kubernetes object (expected a mapping with apiVersion and kind)",
             ),
             Err(e) => {
-                ctx.problem(
-                    &format!("document {}", i + 1),
-                    &format!("is not valid YAML: {e}"),
-                );
+                ctx.problem(&format!("document {}", i + 1), &format!("is not valid YAML: {e}"));
                 // The parser cannot resynchronise after a syntax error.
                 return;
             }

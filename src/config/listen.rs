@@ -57,10 +57,7 @@ impl<'de> Visitor<'de> for ListenVisitor {
                 }
                 "allow_non_loopback" => allow = map.next_value()?,
                 other => {
-                    return Err(de::Error::unknown_field(
-                        other,
-                        &["address", "allow_non_loopback"],
-                    ));
+                    return Err(de::Error::unknown_field(other, &["address", "allow_non_loopback"]));
                 }
             }
         }

@@ -56,11 +56,7 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
-        write!(
-            f,
-            "{n} configuration problem{}:",
-            if n == 1 { "" } else { "s" }
-        )?;
+        write!(f, "{n} configuration problem{}:", if n == 1 { "" } else { "s" })?;
         for p in &self.problems {
             write!(f, "\n  - {p}")?;
         }
@@ -94,11 +90,7 @@ pub fn load(source: &ConfigSource) -> Result<(Config, Vec<super::Warning>), Conf
     }
     figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
     let mut config = from_figment_with_origin(&figment, file_name.as_deref())?;
-    let base = source
-        .path
-        .as_deref()
-        .and_then(Path::parent)
-        .unwrap_or(Path::new("."));
+    let base = source.path.as_deref().and_then(Path::parent).unwrap_or(Path::new("."));
     for p in &mut config.emissary_resources {
         if p.is_relative() {
             *p = base.join(&*p);
@@ -110,10 +102,7 @@ pub fn load(source: &ConfigSource) -> Result<(Config, Vec<super::Warning>), Conf
 }
 
 /// Imports Emissary files into `config` and validates the result.
-pub fn finish(
-    mut config: Config,
-    emissary_files: &[PathBuf],
-) -> Result<(Config, Vec<super::Warning>), ConfigError> {
+pub fn finish(mut config: Config, emissary_files: &[PathBuf]) -> Result<(Config, Vec<super::Warning>), ConfigError> {
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
     for file in emissary_files {
@@ -208,19 +197,12 @@ fn from_figment_with_origin(figment: &Figment, file: Option<&str>) -> Result<Con
             dict.insert(k.to_owned(), v);
         }
     }
-    Value::from(dict)
-        .deserialize::<Config>()
-        .map_err(|e| ConfigError {
-            problems: e.into_iter().map(|e| problem(e, "", file)).collect(),
-        })
+    Value::from(dict).deserialize::<Config>().map_err(|e| ConfigError {
+        problems: e.into_iter().map(|e| problem(e, "", file)).collect(),
+    })
 }
 
-fn check<T: DeserializeOwned>(
-    value: &Value,
-    prefix: &str,
-    file: Option<&str>,
-    out: &mut Vec<Problem>,
-) {
+fn check<T: DeserializeOwned>(value: &Value, prefix: &str, file: Option<&str>, out: &mut Vec<Problem>) {
     if let Err(e) = value.deserialize::<T>() {
         out.extend(e.into_iter().map(|e| problem(e, prefix, file)));
     }
@@ -235,30 +217,20 @@ fn problem(e: figment::Error, prefix: &str, file: Option<&str>) -> Problem {
     let message = match &e.kind {
         figment::error::Kind::UnknownField(field, expected) => {
             parts.push(field.clone());
-            format!(
-                "unknown field `{field}`; expected one of: {}",
-                expected.join(", ")
-            )
+            format!("unknown field `{field}`; expected one of: {}", expected.join(", "))
         }
         other => other.to_string(),
     };
     let path = parts.join(".").replace(".[", "[");
     let origin = env_origin(&path).or_else(|| file.map(str::to_owned));
-    Problem {
-        path,
-        message,
-        origin,
-    }
+    Problem { path, message, origin }
 }
 
 /// Names the environment variable that set `path`, if one did.
 fn env_origin(path: &str) -> Option<String> {
     let var = format!(
         "{ENV_PREFIX}{}",
-        path.split('.')
-            .map(str::to_uppercase)
-            .collect::<Vec<_>>()
-            .join("__")
+        path.split('.').map(str::to_uppercase).collect::<Vec<_>>().join("__")
     );
     std::env::var_os(&var).map(|_| format!("environment variable {var}"))
 }

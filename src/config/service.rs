@@ -50,9 +50,7 @@ impl ServiceTarget {
             return Err(format!("`{s}`: the host is empty"));
         }
         if host.parse::<IpAddr>().is_err() && !is_dns_name(host.trim_end_matches('.')) {
-            return Err(format!(
-                "`{s}`: `{host}` is not a valid host name or IP address"
-            ));
+            return Err(format!("`{s}`: `{host}` is not a valid host name or IP address"));
         }
         Ok(ServiceTarget {
             scheme,
@@ -109,9 +107,7 @@ pub fn split_host_port(s: &str) -> Result<(&str, Option<u16>), String> {
         };
     }
     match s.rsplit_once(':') {
-        Some((host, _)) if host.contains(':') => {
-            Err("an IPv6 address needs brackets, e.g. [fd00::1]:443".to_owned())
-        }
+        Some((host, _)) if host.contains(':') => Err("an IPv6 address needs brackets, e.g. [fd00::1]:443".to_owned()),
         Some((host, port)) => parse_port(port).map(|p| (host, Some(p))),
         None => Ok((s, None)),
     }
@@ -146,10 +142,7 @@ mod tests {
     #[test]
     fn parses_the_forms_emissary_accepts() {
         let t = ServiceTarget::parse("upstream-service").unwrap();
-        assert_eq!(
-            (t.scheme, t.host.as_str(), t.port),
-            (None, "upstream-service", None)
-        );
+        assert_eq!((t.scheme, t.host.as_str(), t.port), (None, "upstream-service", None));
         assert_eq!(t.port_or_default(true), 443);
         assert_eq!(t.port_or_default(false), 80);
         let t = ServiceTarget::parse("https://orders.shop.svc:8443").unwrap();

@@ -4,9 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-use super::{
-    Config, ConfigError, ListenAddr, Problem, Scheme, ServiceTarget, TlsContextConfig, is_dns_name,
-};
+use super::{Config, ConfigError, ListenAddr, Problem, Scheme, ServiceTarget, TlsContextConfig, is_dns_name};
 use crate::tls::options;
 
 /// Something legal but probably not what the operator meant.
@@ -69,18 +67,14 @@ pub fn validate(c: &Config) -> Result<Vec<Warning>, ConfigError> {
     if r.problems.is_empty() {
         Ok(r.warnings)
     } else {
-        Err(ConfigError {
-            problems: r.problems,
-        })
+        Err(ConfigError { problems: r.problems })
     }
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
     }
 }
 
@@ -108,10 +102,7 @@ fn own_listeners(c: &Config, r: &mut Report) -> Vec<(String, SocketAddr)> {
             );
         }
         if !is_loopback(address.ip()) && allow_non_loopback {
-            r.warn(
-                path,
-                format!("plaintext listener on non-loopback `{address}`"),
-            );
+            r.warn(path, format!("plaintext listener on non-loopback `{address}`"));
         }
         own.push((path.to_owned(), address));
     }
@@ -124,7 +115,10 @@ fn own_listeners(c: &Config, r: &mut Report) -> Vec<(String, SocketAddr)> {
         if !is_loopback(addr.ip()) && !m.allow_non_loopback {
             r.err(
                 format!("{path}.address"),
-                format!("`{}` is not a loopback address; bind 127.0.0.1 or set allow_non_loopback: true", addr.ip()),
+                format!(
+                    "`{}` is not a loopback address; bind 127.0.0.1 or set allow_non_loopback: true",
+                    addr.ip()
+                ),
             );
         }
         own.push((format!("{path}.port"), addr));
@@ -136,15 +130,10 @@ fn own_listeners(c: &Config, r: &mut Report) -> Vec<(String, SocketAddr)> {
         }
         let clash = seen.iter().find(|(_, other)| {
             other.port() == addr.port()
-                && (other.ip() == addr.ip()
-                    || other.ip().is_unspecified()
-                    || addr.ip().is_unspecified())
+                && (other.ip() == addr.ip() || other.ip().is_unspecified() || addr.ip().is_unspecified())
         });
         match clash {
-            Some((first, _)) => r.err(
-                path.clone(),
-                format!("port {} is already used by {first}", addr.port()),
-            ),
+            Some((first, _)) => r.err(path.clone(), format!("port {} is already used by {first}", addr.port())),
             None => seen.push((path, *addr)),
         }
     }
@@ -153,16 +142,10 @@ fn own_listeners(c: &Config, r: &mut Report) -> Vec<(String, SocketAddr)> {
 
 fn global(c: &Config, r: &mut Report) {
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log.level) {
-        r.err(
-            "log.level",
-            format!("`{}` is not a log filter: {e}", c.log.level),
-        );
+        r.err("log.level", format!("`{}` is not a log filter: {e}", c.log.level));
     }
     if c.worker_threads == Some(0) {
-        r.err(
-            "worker_threads",
-            "must be at least 1 (or null for one per CPU)",
-        );
+        r.err("worker_threads", "must be at least 1 (or null for one per CPU)");
     }
     if c.reload_poll_interval.0 < std::time::Duration::from_secs(1) {
         r.err(
@@ -177,20 +160,14 @@ fn global(c: &Config, r: &mut Report) {
     if l.max_header_bytes < 8192 {
         r.err(
             "limits.max_header_bytes",
-            format!(
-                "`{}` is below the HTTP parser's minimum of 8192",
-                l.max_header_bytes
-            ),
+            format!("`{}` is below the HTTP parser's minimum of 8192", l.max_header_bytes),
         );
     }
     if l.max_headers == 0 {
         r.err("limits.max_headers", "must be at least 1");
     }
     if l.buffer_bytes < 1024 {
-        r.err(
-            "limits.buffer_bytes",
-            format!("`{}` is below 1024", l.buffer_bytes),
-        );
+        r.err("limits.buffer_bytes", format!("`{}` is below 1024", l.buffer_bytes));
     }
     if l.header_read_timeout.0.is_zero() {
         r.err("limits.header_read_timeout", "must be above 0");
@@ -238,13 +215,9 @@ fn context(name: &str, ctx: &TlsContextConfig, r: &mut Report) {
         r.err(p(missing), format!("is required together with {have}"));
     }
     if ctx.crl_secret.is_some() && ctx.crl_file.is_some() {
-        r.err(
-            p("crl_file"),
-            "give either crl_secret or crl_file, not both",
-        );
+        r.err(p("crl_file"), "give either crl_secret or crl_file, not both");
     }
-    let anchors =
-        ctx.secret.is_some() || ctx.ca_secret.is_some() || ctx.cacert_chain_file.is_some();
+    let anchors = ctx.secret.is_some() || ctx.ca_secret.is_some() || ctx.cacert_chain_file.is_some();
     if !anchors && !ctx.insecure_skip_verify {
         r.err(
             format!("tls_contexts.{name}"),
@@ -300,21 +273,14 @@ fn context(name: &str, ctx: &TlsContextConfig, r: &mut Report) {
         }
         for proto in &alpn.0 {
             if proto.len() > 255 {
-                r.err(
-                    p("alpn_protocols"),
-                    format!("`{proto}` is longer than 255 bytes"),
-                );
+                r.err(p("alpn_protocols"), format!("`{proto}` is longer than 255 bytes"));
             }
         }
     }
 }
 
 /// Whether `target:port` is one of the sidecar's own listeners.
-fn loops_to_self(
-    target: &ServiceTarget,
-    port: u16,
-    own: &[(String, SocketAddr)],
-) -> Option<String> {
+fn loops_to_self(target: &ServiceTarget, port: u16, own: &[(String, SocketAddr)]) -> Option<String> {
     let host = target.host.trim_end_matches('.').to_ascii_lowercase();
     let local = match target.ip() {
         Some(ip) => is_loopback(ip) || ip.is_unspecified(),
@@ -352,10 +318,7 @@ fn mappings(c: &Config, own: &[(String, SocketAddr)], r: &mut Report) {
             );
         }
         if !m.prefix.starts_with('/') {
-            r.err(
-                format!("{path}.prefix"),
-                format!("`{}` must start with `/`", m.prefix),
-            );
+            r.err(format!("{path}.prefix"), format!("`{}` must start with `/`", m.prefix));
         }
         if let Some(rw) = &m.rewrite
             && !rw.is_empty()
@@ -481,10 +444,7 @@ fn service_ref(
         _ => {}
     }
     if !http && target.port.is_none() && !tls_on {
-        r.err(
-            format!("{path}.service"),
-            format!("`{service}` needs a port"),
-        );
+        r.err(format!("{path}.service"), format!("`{service}` needs a port"));
     }
     let port = target.port_or_default(tls_on || target.scheme == Some(Scheme::Https));
     if let Some(msg) = loops_to_self(&target, port, own) {
@@ -515,10 +475,7 @@ fn tcp_mappings(c: &Config, own: &[(String, SocketAddr)], r: &mut Report) {
             r,
         );
         if m.tls.is_none() {
-            r.warn(
-                path,
-                "has no `tls:`: bytes are relayed to the upstream in plaintext",
-            );
+            r.warn(path, "has no `tls:`: bytes are relayed to the upstream in plaintext");
         }
     }
 }

@@ -66,11 +66,7 @@ pub async fn accept_loop<F, Fut>(
                         shutdown.tracker.spawn(async move {
                             let mut stream = stream;
                             if !reply.is_empty() {
-                                let _ = tokio::time::timeout(
-                                    Duration::from_secs(1),
-                                    stream.write_all(reply),
-                                )
-                                .await;
+                                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply)).await;
                             }
                         });
                     }

@@ -39,10 +39,7 @@ impl Target {
         let tls_on = tls.is_some() || t.scheme == Some(Scheme::Https);
         let server_name = match tls {
             Some(ctx) => {
-                let name = ctx
-                    .sni
-                    .clone()
-                    .unwrap_or_else(|| t.name_for_tls().to_owned());
+                let name = ctx.sni.clone().unwrap_or_else(|| t.name_for_tls().to_owned());
                 Some(
                     ServerName::try_from(name.clone())
                         .map_err(|_| format!("`{name}` cannot be used as a TLS server name"))?,
@@ -113,11 +110,7 @@ impl UpstreamStream {
 }
 
 impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
@@ -126,11 +119,7 @@ impl AsyncRead for UpstreamStream {
 }
 
 impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
@@ -199,11 +188,7 @@ impl ConnectMetrics {
         let hs = |resumed: &str| {
             metrics.counter(
                 m::TLS_HANDSHAKES_TOTAL,
-                &[
-                    ("tls_context", tls_context),
-                    ("result", "ok"),
-                    ("resumed", resumed),
-                ],
+                &[("tls_context", tls_context), ("result", "ok"), ("resumed", resumed)],
             )
         };
         ConnectMetrics {
@@ -231,11 +216,7 @@ impl ConnectMetrics {
             self.metrics
                 .counter(
                     m::TLS_HANDSHAKES_TOTAL,
-                    &[
-                        ("tls_context", &self.label),
-                        ("result", kind),
-                        ("resumed", "false"),
-                    ],
+                    &[("tls_context", &self.label), ("result", kind), ("resumed", "false")],
                 )
                 .increment(1);
         }
@@ -293,18 +274,14 @@ pub async fn tcp_connect(target: &Target, deadline: Instant) -> Result<TcpStream
     for addr in addrs {
         match tokio::time::timeout_at(deadline.into(), TcpStream::connect(addr)).await {
             Err(_) => {
-                return Err(UpstreamError::ConnectTimeout {
-                    addr: addr.to_string(),
-                });
+                return Err(UpstreamError::ConnectTimeout { addr: addr.to_string() });
             }
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                last = Some(UpstreamError::ConnectRefused {
-                    addr: addr.to_string(),
-                });
+                last = Some(UpstreamError::ConnectRefused { addr: addr.to_string() });
             }
             Ok(Err(e)) => {
                 last = Some(UpstreamError::Connect {
@@ -337,15 +314,13 @@ pub async fn connect(
         }
     };
     let (stream, info) = match (tls, &target.server_name) {
-        (Some(config), Some(name)) => {
-            match handshake(tcp, config, name.clone(), deadline, cm).await {
-                Ok(v) => v,
-                Err(e) => {
-                    cm.failed(e.kind(), true);
-                    return Err(e);
-                }
+        (Some(config), Some(name)) => match handshake(tcp, config, name.clone(), deadline, cm).await {
+            Ok(v) => v,
+            Err(e) => {
+                cm.failed(e.kind(), true);
+                return Err(e);
             }
-        }
+        },
         _ => (UpstreamStream::Plain(tcp), HandshakeInfo::default()),
     };
     cm.ok.increment(1);
@@ -372,8 +347,7 @@ async fn handshake(
         Ok(Err(e)) => return Err(UpstreamError::from_io(&addr, e)),
         Ok(Ok(s)) => s,
     };
-    cm.handshake_duration
-        .record(started.elapsed().as_secs_f64());
+    cm.handshake_duration.record(started.elapsed().as_secs_f64());
     let conn = tls.get_ref().1;
     let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     if resumed {

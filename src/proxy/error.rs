@@ -9,9 +9,7 @@ use rustls::{AlertDescription, CertificateError};
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// The TLS context has no generation yet.
-    #[error(
-        "TLS context `{context}` has no usable client certificate yet; check the Secret volume and /certs"
-    )]
+    #[error("TLS context `{context}` has no usable client certificate yet; check the Secret volume and /certs")]
     NoClientIdentity {
         /// The context.
         context: String,
@@ -68,6 +66,35 @@ pub enum UpstreamError {
         #[source]
         source: rustls::Error,
     },
+    /// The upstream did not agree to HTTP/2 for an h2c/gRPC request.
+    #[error(
+        "{addr} did not negotiate HTTP/2 (ALPN offered: h2; got: {got}); gRPC and h2c requests need an HTTP/2 upstream"
+    )]
+    AlpnMismatch {
+        /// Address.
+        addr: String,
+        /// What was negotiated.
+        got: String,
+    },
+    /// The HTTP exchange failed.
+    #[error("HTTP exchange with {addr} failed ({kind}): {source}")]
+    Http {
+        /// Address.
+        addr: String,
+        /// Classified reason.
+        kind: &'static str,
+        /// hyper's error.
+        #[source]
+        source: hyper::Error,
+    },
+    /// No response headers in time.
+    #[error("{addr} sent no response within {ms} ms (timeout_ms)")]
+    ResponseTimeout {
+        /// Address.
+        addr: String,
+        /// The timeout.
+        ms: u128,
+    },
     /// The connection broke.
     #[error("connection to {addr} failed: {source}")]
     Io {
@@ -92,7 +119,9 @@ impl UpstreamError {
             Self::ConnectTimeout { .. } => "connect_timeout",
             Self::Connect { .. } => "connect_error",
             Self::HandshakeTimeout { .. } => "handshake_timeout",
-            Self::Tls { kind, .. } | Self::Io { kind, .. } => kind,
+            Self::AlpnMismatch { .. } => "alpn_mismatch",
+            Self::ResponseTimeout { .. } => "upstream_timeout",
+            Self::Tls { kind, .. } | Self::Io { kind, .. } | Self::Http { kind, .. } => kind,
         }
     }
 
@@ -113,6 +142,33 @@ impl UpstreamError {
     }
 }
 
+/// Stable reason for a hyper error from an upstream exchange: the TLS alert or I/O error
+/// inside it if there is one (a TLS 1.3 client-certificate rejection arrives on the first
+/// read), else what hyper says.
+pub fn classify_hyper(e: &hyper::Error) -> &'static str {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            return io_kind(io);
+        }
+        if let Some(t) = s.downcast_ref::<rustls::Error>() {
+            return classify_tls(t);
+        }
+        source = s.source();
+    }
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        "upstream_reset"
+    } else if e.is_timeout() {
+        "upstream_timeout"
+    } else if e.is_parse() || e.is_parse_status() {
+        "upstream_protocol_error"
+    } else if e.is_user() {
+        "request_error"
+    } else {
+        "upstream_reset"
+    }
+}
+
 /// Stable reason for any error on an upstream stream (TLS alert or plain I/O).
 pub fn io_kind(e: &io::Error) -> &'static str {
     tls_error(e).map_or_else(|| classify_io(e), classify_tls)
@@ -120,8 +176,7 @@ pub fn io_kind(e: &io::Error) -> &'static str {
 
 /// The rustls error inside a tokio-rustls `io::Error`, if any.
 pub fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 /// Stable reason for a rustls error.
@@ -130,13 +185,9 @@ pub fn classify_tls(e: &rustls::Error) -> &'static str {
     match e {
         E::InvalidCertificate(ce) => match ce {
             CertificateError::UnknownIssuer => "unknown_issuer",
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                "bad_san"
-            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => "bad_san",
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "cert_expired",
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                "cert_not_yet_valid"
-            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "cert_not_yet_valid",
             CertificateError::Revoked => "cert_revoked",
             _ => "bad_certificate",
         },
@@ -156,9 +207,9 @@ pub fn classify_tls(e: &rustls::Error) -> &'static str {
         },
         E::NoApplicationProtocol => "alpn_mismatch",
         E::PeerIncompatible(_) => "tls_incompatible",
-        E::InvalidMessage(_)
-        | E::InappropriateMessage { .. }
-        | E::InappropriateHandshakeMessage { .. } => "tls_protocol_error",
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. } => {
+            "tls_protocol_error"
+        }
         _ => "tls_error",
     }
 }

@@ -62,12 +62,7 @@ impl Half {
 
     /// Copies until `r` is at EOF and `w` is shut down. Errors say which side failed:
     /// `Err((true, e))` for the reader, `Err((false, e))` for the writer.
-    fn poll_copy<R, W>(
-        &mut self,
-        cx: &mut Context<'_>,
-        r: &mut R,
-        w: &mut W,
-    ) -> Poll<Result<(), (bool, io::Error)>>
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<Result<(), (bool, io::Error)>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
@@ -99,8 +94,8 @@ impl Half {
                 }
             }
             while self.pos < self.cap {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.cap]))
-                    .map_err(|e| (false, e))?;
+                let n =
+                    ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.cap])).map_err(|e| (false, e))?;
                 if n == 0 {
                     return Poll::Ready(Err((false, io::ErrorKind::WriteZero.into())));
                 }

@@ -112,11 +112,7 @@ impl<T> RouteTable<T> {
     /// Orders routes: longer prefix first, then more specific host, then exact over prefix.
     pub fn new(mut routes: Vec<Route<T>>) -> Self {
         routes.sort_by(|a, b| {
-            (b.prefix.len(), b.host.specificity(), b.exact).cmp(&(
-                a.prefix.len(),
-                a.host.specificity(),
-                a.exact,
-            ))
+            (b.prefix.len(), b.host.specificity(), b.exact).cmp(&(a.prefix.len(), a.host.specificity(), a.exact))
         });
         RouteTable { routes }
     }
@@ -195,27 +191,12 @@ mod tests {
     #[test]
     fn longest_prefix_then_most_specific_host() {
         let t = table();
-        assert_eq!(
-            t.lookup("orders.shop.svc", "/api/v2/x").unwrap().value,
-            "orders-v2"
-        );
-        assert_eq!(
-            t.lookup("orders.shop.svc:80", "/api/v1").unwrap().value,
-            "orders"
-        );
+        assert_eq!(t.lookup("orders.shop.svc", "/api/v2/x").unwrap().value, "orders-v2");
+        assert_eq!(t.lookup("orders.shop.svc:80", "/api/v1").unwrap().value, "orders");
         assert_eq!(t.lookup("ORDERS.shop.svc.", "/").unwrap().value, "orders");
-        assert_eq!(
-            t.lookup("cart.shop.svc", "/").unwrap().value,
-            "shop-wildcard"
-        );
-        assert_eq!(
-            t.lookup("pay.shop.svc:8443", "/").unwrap().value,
-            "pay-8443"
-        );
-        assert_eq!(
-            t.lookup("pay.shop.svc:9000", "/").unwrap().value,
-            "shop-wildcard"
-        );
+        assert_eq!(t.lookup("cart.shop.svc", "/").unwrap().value, "shop-wildcard");
+        assert_eq!(t.lookup("pay.shop.svc:8443", "/").unwrap().value, "pay-8443");
+        assert_eq!(t.lookup("pay.shop.svc:9000", "/").unwrap().value, "shop-wildcard");
         assert_eq!(t.lookup("elsewhere", "/").unwrap().value, "catch-all");
     }
 
@@ -242,10 +223,7 @@ mod tests {
 
     #[test]
     fn rewrites_like_emissary() {
-        assert_eq!(
-            rewrite_path("/upstream/x?a=1", "/upstream/", None),
-            "/x?a=1"
-        );
+        assert_eq!(rewrite_path("/upstream/x?a=1", "/upstream/", None), "/x?a=1");
         assert_eq!(rewrite_path("/upstream/", "/upstream/", None), "/");
         assert_eq!(rewrite_path("/api/x", "/api", Some("/v2")), "/v2/x");
         assert_eq!(rewrite_path("/api/x", "/api/", Some("")), "/api/x");

@@ -12,9 +12,7 @@ use tracing::Instrument;
 use super::connect::{self, ConnectMetrics, Target};
 use super::error::UpstreamError;
 use super::relay::{RelayEnd, relay};
-use crate::config::{
-    DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, Limits, TcpMappingConfig,
-};
+use crate::config::{DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, Limits, TcpMappingConfig};
 use crate::metrics::{self as m, Metrics};
 use crate::shutdown::Shutdown;
 use crate::tls::{ContextSlot, TlsStore};
@@ -54,8 +52,7 @@ impl TcpMapping {
             .map_err(|e| format!("tcp mapping `{}`: {e}", cfg.name))?;
         let label = cfg.tls.as_deref().unwrap_or("none");
         let name: &str = &cfg.name;
-        let bytes =
-            |d: &str| metrics.counter(m::BYTES_TOTAL, &[("listener", name), ("direction", d)]);
+        let bytes = |d: &str| metrics.counter(m::BYTES_TOTAL, &[("listener", name), ("direction", d)]);
         Ok(TcpMapping {
             name: cfg.name.as_str().into(),
             target,
@@ -71,10 +68,7 @@ impl TcpMapping {
             metrics: metrics.clone(),
             bytes_to: bytes("to_upstream"),
             bytes_from: bytes("from_upstream"),
-            ok: metrics.counter(
-                m::TCP_CONNECTIONS_TOTAL,
-                &[("listener", name), ("result", "ok")],
-            ),
+            ok: metrics.counter(m::TCP_CONNECTIONS_TOTAL, &[("listener", name), ("result", "ok")]),
         })
     }
 

@@ -5,9 +5,9 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
-    RevokedCertParams, SanType, SerialNumber, SignatureAlgorithm,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType, SerialNumber,
+    SignatureAlgorithm,
 };
 use rustls::pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -170,17 +170,11 @@ impl Leaf {
         match (format, self.kind) {
             (KeyFormat::Pkcs8, _) => self.key_pem.clone(),
             (KeyFormat::Pkcs1, KeyKind::Rsa2048) => pem("RSA PRIVATE KEY", inner),
-            (KeyFormat::Sec1, KeyKind::P256 | KeyKind::P384 | KeyKind::P521) => {
-                pem("EC PRIVATE KEY", inner)
-            }
+            (KeyFormat::Sec1, KeyKind::P256 | KeyKind::P384 | KeyKind::P521) => pem("EC PRIVATE KEY", inner),
             (KeyFormat::Sec1WithParams, KeyKind::P256) => {
                 // OID 1.2.840.10045.3.1.7 (prime256v1), DER-encoded.
                 let params = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-                format!(
-                    "{}{}",
-                    pem("EC PARAMETERS", &params),
-                    pem("EC PRIVATE KEY", inner)
-                )
+                format!("{}{}", pem("EC PARAMETERS", &params), pem("EC PRIVATE KEY", inner))
             }
             (f, k) => panic!("{f:?} is not an encoding of a {k:?} key"),
         }
@@ -261,9 +255,7 @@ impl TestCa {
     pub fn issue(&self, spec: &LeafSpec) -> Leaf {
         let key = spec.kind.generate();
         let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, spec.cn.as_str());
+        params.distinguished_name.push(DnType::CommonName, spec.cn.as_str());
         params.subject_alt_names = spec
             .dns
             .iter()
@@ -284,21 +276,17 @@ impl TestCa {
             params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
         }
         if spec.server {
-            params
-                .extended_key_usages
-                .push(ExtendedKeyUsagePurpose::ServerAuth);
+            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
         }
         if spec.client {
-            params
-                .extended_key_usages
-                .push(ExtendedKeyUsagePurpose::ClientAuth);
+            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
         }
         let cert = params
             .signed_by(&key, &self.issuer)
             .unwrap_or_else(|e| panic!("issuing {}: {e}", spec.cn));
         let der = cert.der().clone();
-        let info = CertInfo::parse(&der, std::path::Path::new("-"))
-            .unwrap_or_else(|e| panic!("parsing a fresh cert: {e}"));
+        let info =
+            CertInfo::parse(&der, std::path::Path::new("-")).unwrap_or_else(|e| panic!("parsing a fresh cert: {e}"));
         Leaf {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -323,18 +311,13 @@ impl TestCa {
     /// A client certificate that expired an hour ago.
     pub fn expired_client(&self, cn: &str) -> Leaf {
         let now = SystemTime::now();
-        self.issue(&LeafSpec::client(cn).valid(
-            now - Duration::from_secs(86_400),
-            now - Duration::from_secs(3600),
-        ))
+        self.issue(&LeafSpec::client(cn).valid(now - Duration::from_secs(86_400), now - Duration::from_secs(3600)))
     }
 
     /// A PEM CRL revoking the given leaves.
     pub fn crl(&self, revoked: &[&Leaf]) -> String {
         let now = SystemTime::now();
-        let number = self
-            .next_crl
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let number = self.next_crl.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let params = CertificateRevocationListParams {
             this_update: to_offset(now - Duration::from_secs(60)),
             next_update: to_offset(now + Duration::from_secs(86_400)),
@@ -360,9 +343,7 @@ impl TestCa {
 }
 
 fn serial_bytes(s: &str) -> Vec<u8> {
-    s.split(':')
-        .filter_map(|b| u8::from_str_radix(b, 16).ok())
-        .collect()
+    s.split(':').filter_map(|b| u8::from_str_radix(b, 16).ok()).collect()
 }
 
 /// The private key inside a PKCS#8 `PrivateKeyInfo` (its `privateKey` OCTET STRING), which
@@ -374,12 +355,7 @@ fn pkcs8_inner_key(der: &[u8]) -> &[u8] {
             (b[1] as usize, 2)
         } else {
             let n = (b[1] & 0x7f) as usize;
-            (
-                b[2..2 + n]
-                    .iter()
-                    .fold(0usize, |a, x| (a << 8) | *x as usize),
-                2 + n,
-            )
+            (b[2..2 + n].iter().fold(0usize, |a, x| (a << 8) | *x as usize), 2 + n)
         };
         (tag, &b[hdr..hdr + len], &b[hdr + len..])
     }

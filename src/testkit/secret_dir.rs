@@ -60,10 +60,7 @@ impl SecretDir {
                 .collect(),
             None => Vec::new(),
         };
-        let removed: Vec<&String> = old_keys
-            .iter()
-            .filter(|k| !payload.contains_key(k.as_str()))
-            .collect();
+        let removed: Vec<&String> = old_keys.iter().filter(|k| !payload.contains_key(k.as_str())).collect();
         if let Some(ts) = &old_ts
             && removed.is_empty()
             && payload
@@ -124,11 +121,7 @@ impl SecretDir {
 
     /// Like `torn_write`, but each file is also written in two halves with `between` called
     /// in the middle, so a reader can see a truncated PEM (`--torn-partial`).
-    pub fn torn_write_halves(
-        &self,
-        files: &[(&str, &[u8])],
-        mut between: impl FnMut(),
-    ) -> io::Result<()> {
+    pub fn torn_write_halves(&self, files: &[(&str, &[u8])], mut between: impl FnMut()) -> io::Result<()> {
         for (key, bytes) in files {
             let mut f = fs::OpenOptions::new()
                 .write(true)

@@ -52,11 +52,7 @@ impl Observed {
 
     /// The last client seen.
     pub fn last(&self) -> Option<SeenClient> {
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .last()
-            .cloned()
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).last().cloned()
     }
 }
 
@@ -68,6 +64,13 @@ pub struct Upstream {
     /// What it saw.
     pub observed: Arc<Observed>,
     task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Wraps a running accept task.
+    pub fn from_parts(addr: SocketAddr, observed: Arc<Observed>, task: JoinHandle<()>) -> Self {
+        Upstream { addr, observed, task }
+    }
 }
 
 impl Drop for Upstream {
@@ -97,9 +100,7 @@ pub fn server_config(leaf: &Leaf, chain: &[&TestCa], client_cas: &[&TestCa]) -> 
     } else {
         let mut roots = RootCertStore::empty();
         for ca in client_cas {
-            roots
-                .add(ca.der.clone())
-                .unwrap_or_else(|e| panic!("client CA: {e}"));
+            roots.add(ca.der.clone()).unwrap_or_else(|e| panic!("client CA: {e}"));
         }
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
@@ -127,9 +128,7 @@ pub fn seen_client(conn: &rustls::ServerConnection) -> SeenClient {
         subject,
         serial,
         resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
-        alpn: conn
-            .alpn_protocol()
-            .map(|a| String::from_utf8_lossy(a).into_owned()),
+        alpn: conn.alpn_protocol().map(|a| String::from_utf8_lossy(a).into_owned()),
     }
 }
 
@@ -163,11 +162,7 @@ pub async fn start_tcp(config: Arc<ServerConfig>, behavior: Behavior) -> Upstrea
             });
         }
     });
-    Upstream {
-        addr,
-        observed,
-        task,
-    }
+    Upstream { addr, observed, task }
 }
 
 async fn report_and_echo(acceptor: TlsAcceptor, tcp: TcpStream, obs: Arc<Observed>) {
@@ -176,10 +171,7 @@ async fn report_and_echo(acceptor: TlsAcceptor, tcp: TcpStream, obs: Arc<Observe
     };
     let seen = seen_client(tls.get_ref().1);
     obs.handshakes.fetch_add(1, Ordering::SeqCst);
-    obs.clients
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(seen.clone());
+    obs.clients.lock().unwrap_or_else(|e| e.into_inner()).push(seen.clone());
     let line = format!(
         "upstream saw client certificate subject=\"{}\" serial={} resumed={}\n",
         seen.subject, seen.serial, seen.resumed

@@ -4,8 +4,7 @@ use std::sync::Arc;
 
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::{
-    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Resumption,
-    WebPkiServerVerifier,
+    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Resumption, WebPkiServerVerifier,
 };
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, SignatureScheme};
@@ -28,6 +27,8 @@ pub struct ClientConfigs {
     pub http: Arc<ClientConfig>,
     /// `h2` only (or the configured list): h2c/gRPC downstreams.
     pub h2: Arc<ClientConfig>,
+    /// `http/1.1` only: WebSocket upgrades.
+    pub http1: Arc<ClientConfig>,
 }
 
 /// Always presents the same client certificate.
@@ -35,11 +36,7 @@ pub struct ClientConfigs {
 struct FixedClientCert(Arc<CertifiedKey>);
 
 impl ResolvesClientCert for FixedClientCert {
-    fn resolve(
-        &self,
-        _root_hints: &[&[u8]],
-        _schemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _root_hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         Some(self.0.clone())
     }
 
@@ -63,18 +60,8 @@ pub fn build(ctx: &TlsContextConfig, material: &Material) -> Result<ClientConfig
                 .join("; "),
         )
     })?);
-    let versions = options::versions(
-        ctx.min_tls_version.as_deref(),
-        ctx.max_tls_version.as_deref(),
-    )
-    .map_err(|errs| {
-        BuildError(
-            errs.into_iter()
-                .map(|(_, e)| e)
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
+    let versions = options::versions(ctx.min_tls_version.as_deref(), ctx.max_tls_version.as_deref())
+        .map_err(|errs| BuildError(errs.into_iter().map(|(_, e)| e).collect::<Vec<_>>().join("; ")))?;
     let algs = provider.signature_verification_algorithms;
     let verifier: Arc<dyn ServerCertVerifier> = if ctx.insecure_skip_verify {
         Arc::new(InsecureVerifier::new(algs))
@@ -104,8 +91,7 @@ pub fn build(ctx: &TlsContextConfig, material: &Material) -> Result<ClientConfig
         Some(ck) => builder.with_client_cert_resolver(Arc::new(FixedClientCert(ck.clone()))),
         None => builder.with_no_client_auth(),
     };
-    let store: Arc<dyn ClientSessionStore> =
-        Arc::new(ClientSessionMemoryCache::new(SESSION_CACHE_SIZE));
+    let store: Arc<dyn ClientSessionStore> = Arc::new(ClientSessionMemoryCache::new(SESSION_CACHE_SIZE));
     base.resumption = Resumption::store(store);
     let configured: Option<Vec<Vec<u8>>> = ctx
         .alpn_protocols
@@ -122,5 +108,6 @@ pub fn build(ctx: &TlsContextConfig, material: &Material) -> Result<ClientConfig
         tcp: with_alpn(&[]),
         http: with_alpn(&[b"h2", b"http/1.1"]),
         h2: with_alpn(&[b"h2"]),
+        http1: with_alpn(&[b"http/1.1"]),
     })
 }

@@ -47,9 +47,7 @@ impl CertInfo {
             not_after: rfc3339(v.not_after.timestamp()),
             not_before_unix: v.not_before.timestamp(),
             not_after_unix: v.not_after.timestamp(),
-            sha256: hex(
-                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der.as_ref()).as_ref(),
-            ),
+            sha256: hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der.as_ref()).as_ref()),
             source: source.to_owned(),
         })
     }
@@ -150,12 +148,10 @@ pub fn key_type(der: &CertificateDer<'_>) -> Option<String> {
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// Formats Unix seconds as RFC 3339 UTC (`2026-11-28T00:00:00Z`).

@@ -79,9 +79,7 @@ pub enum MaterialError {
         found: String,
     },
     /// No private key section.
-    #[error(
-        "{path}: no private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY section){found}"
-    )]
+    #[error("{path}: no private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY section){found}")]
     NoKey {
         /// The file.
         path: PathBuf,
@@ -175,10 +173,9 @@ impl MaterialError {
             Self::Permission { .. } => "permission_denied",
             Self::Io { .. } => "io_error",
             Self::Unstable => "unstable",
-            Self::Pem { .. }
-            | Self::NoCertificate { .. }
-            | Self::NoKey { .. }
-            | Self::SeveralKeys { .. } => "pem_error",
+            Self::Pem { .. } | Self::NoCertificate { .. } | Self::NoKey { .. } | Self::SeveralKeys { .. } => {
+                "pem_error"
+            }
             Self::EncryptedKey { .. } => "encrypted_key",
             Self::UnsupportedKey { .. } => "unsupported_key",
             Self::KeyMismatch { .. } => "key_mismatch",
@@ -263,14 +260,9 @@ impl Source {
             .flatten()
             .cloned()
             .collect();
-        for f in [
-            &self.cert_file,
-            &self.key_file,
-            &self.ca_file,
-            &self.crl_file,
-        ]
-        .into_iter()
-        .flatten()
+        for f in [&self.cert_file, &self.key_file, &self.ca_file, &self.crl_file]
+            .into_iter()
+            .flatten()
         {
             if let Some(parent) = f.parent() {
                 dirs.push(parent.to_path_buf());
@@ -287,14 +279,7 @@ impl Source {
         [c, k, a, r].into_iter().flatten().collect()
     }
 
-    fn resolve(
-        &self,
-    ) -> (
-        Option<PathBuf>,
-        Option<PathBuf>,
-        Option<PathBuf>,
-        Option<PathBuf>,
-    ) {
+    fn resolve(&self) -> (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) {
         let mut cert = self.cert_file.clone();
         let mut key = self.key_file.clone();
         let mut ca = self.ca_file.clone();
@@ -328,14 +313,9 @@ impl Source {
         }
         let crl = match (&self.crl_file, &self.crl_dir) {
             (Some(f), _) => Some(f.clone()),
-            (None, Some(dir)) => Some(
-                dir.join(
-                    CRL_NAMES
-                        .iter()
-                        .find(|n| dir.join(n).exists())
-                        .unwrap_or(&CRL_NAMES[0]),
-                ),
-            ),
+            (None, Some(dir)) => {
+                Some(dir.join(CRL_NAMES.iter().find(|n| dir.join(n).exists()).unwrap_or(&CRL_NAMES[0])))
+            }
             (None, None) => None,
         };
         (cert, key, ca, crl)
@@ -360,9 +340,7 @@ impl Source {
             }
             match result {
                 // The old timestamped directory was removed under us; the next read sees the new one.
-                Err(e @ MaterialError::NotFound { .. }) if before.iter().any(Option::is_some) => {
-                    last = e
-                }
+                Err(e @ MaterialError::NotFound { .. }) if before.iter().any(Option::is_some) => last = e,
                 other => return other,
             }
         }
@@ -374,15 +352,9 @@ impl Source {
         let cert = cert
             .map(|p| read_file(&p, "client certificate").map(|b| (p, b)))
             .transpose()?;
-        let key = key
-            .map(|p| read_file(&p, "private key").map(|b| (p, b)))
-            .transpose()?;
-        let ca = ca
-            .map(|p| read_file(&p, "CA bundle").map(|b| (p, b)))
-            .transpose()?;
-        let crl = crl
-            .map(|p| read_file(&p, "CRL").map(|b| (p, b)))
-            .transpose()?;
+        let key = key.map(|p| read_file(&p, "private key").map(|b| (p, b))).transpose()?;
+        let ca = ca.map(|p| read_file(&p, "CA bundle").map(|b| (p, b))).transpose()?;
+        let crl = crl.map(|p| read_file(&p, "CRL").map(|b| (p, b))).transpose()?;
         let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         for part in [&cert, &key, &ca, &crl] {
             match part {
@@ -482,10 +454,9 @@ fn labels(bytes: &[u8]) -> String {
 fn pem_err(path: &Path, e: rustls::pki_types::pem::Error) -> MaterialError {
     use rustls::pki_types::pem::Error as E;
     let message = match e {
-        E::MissingSectionEnd { end_marker } => format!(
-            "truncated: no END line for {}",
-            String::from_utf8_lossy(&end_marker)
-        ),
+        E::MissingSectionEnd { end_marker } => {
+            format!("truncated: no END line for {}", String::from_utf8_lossy(&end_marker))
+        }
         E::IllegalSectionStart { line } => {
             format!("malformed BEGIN line `{}`", String::from_utf8_lossy(&line))
         }
@@ -499,10 +470,7 @@ fn pem_err(path: &Path, e: rustls::pki_types::pem::Error) -> MaterialError {
 }
 
 /// Parses the certificate chain (leaf first).
-pub fn parse_chain(
-    path: &Path,
-    bytes: &[u8],
-) -> Result<Vec<CertificateDer<'static>>, MaterialError> {
+pub fn parse_chain(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, MaterialError> {
     let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_err(path, e))?;
@@ -518,12 +486,8 @@ pub fn parse_chain(
 /// Parses exactly one private key in PKCS#8, PKCS#1 or SEC1 form.
 pub fn parse_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>, MaterialError> {
     let text = String::from_utf8_lossy(bytes);
-    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
-        || text.contains("Proc-Type: 4,ENCRYPTED")
-    {
-        return Err(MaterialError::EncryptedKey {
-            path: path.to_owned(),
-        });
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") || text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(MaterialError::EncryptedKey { path: path.to_owned() });
     }
     let mut keys = Vec::new();
     for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(bytes) {
@@ -550,10 +514,7 @@ pub fn parse_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>, Ma
 }
 
 /// Parses a CA bundle into a root store, counting entries that could not be used.
-pub fn parse_roots(
-    path: &Path,
-    bytes: &[u8],
-) -> Result<(RootCertStore, Vec<CertInfo>, usize), MaterialError> {
+pub fn parse_roots(path: &Path, bytes: &[u8]) -> Result<(RootCertStore, Vec<CertInfo>, usize), MaterialError> {
     let mut ders = Vec::new();
     let mut bad_pem = 0;
     for item in CertificateDer::pem_slice_iter(bytes) {
@@ -562,10 +523,7 @@ pub fn parse_roots(
             Err(_) => bad_pem += 1,
         }
     }
-    let infos: Vec<CertInfo> = ders
-        .iter()
-        .filter_map(|d| CertInfo::parse(d, path).ok())
-        .collect();
+    let infos: Vec<CertInfo> = ders.iter().filter_map(|d| CertInfo::parse(d, path).ok()).collect();
     let mut store = RootCertStore::empty();
     let (_, ignored) = store.add_parsable_certificates(ders);
     let ignored = ignored + bad_pem;
@@ -578,10 +536,7 @@ pub fn parse_roots(
     Ok((store, infos, ignored))
 }
 
-fn parse_crls(
-    path: &Path,
-    bytes: &[u8],
-) -> Result<Vec<CertificateRevocationListDer<'static>>, MaterialError> {
+fn parse_crls(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>, MaterialError> {
     let crls = CertificateRevocationListDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_err(path, e))?;
@@ -595,11 +550,7 @@ fn parse_crls(
 }
 
 /// Validates raw bytes into material; nothing here touches the file system.
-pub fn parse(
-    raw: &Raw,
-    provider: &CryptoProvider,
-    now: SystemTime,
-) -> Result<Material, MaterialError> {
+pub fn parse(raw: &Raw, provider: &CryptoProvider, now: SystemTime) -> Result<Material, MaterialError> {
     let mut material = Material {
         certified: None,
         roots: None,
@@ -621,12 +572,13 @@ pub fn parse(
                 path: cert_path.clone(),
                 message,
             })?;
-        let signing = provider.key_provider.load_private_key(key).map_err(|e| {
-            MaterialError::UnsupportedKey {
+        let signing = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| MaterialError::UnsupportedKey {
                 path: key_path.clone(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         let certified = CertifiedKey::new(chain, signing);
         match certified.keys_match() {
             Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}

@@ -174,11 +174,7 @@ pub enum Identity {
 /// Parses one `subject_alt_names` entry.
 pub fn identity(s: &str) -> Result<Identity, String> {
     let s = s.trim();
-    if s.contains(':')
-        && !s.contains("://")
-        && s.parse::<IpAddr>().is_err()
-        && !s.starts_with("spiffe:")
-    {
+    if s.contains(':') && !s.contains("://") && s.parse::<IpAddr>().is_err() && !s.starts_with("spiffe:") {
         return Err(format!(
             "`{s}` is neither a DNS name, an IP address nor a URI such as spiffe://trust.domain/ns/app"
         ));
@@ -189,9 +185,7 @@ pub fn identity(s: &str) -> Result<Identity, String> {
     if let Some((scheme, rest)) = s.split_once(':') {
         if scheme.is_empty()
             || rest.is_empty()
-            || !scheme
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+            || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
         {
             return Err(format!("`{s}` is not a valid URI"));
         }
@@ -203,9 +197,7 @@ pub fn identity(s: &str) -> Result<Identity, String> {
 }
 
 /// The crypto provider a context asks for: aws-lc-rs, narrowed to its suites and groups.
-pub fn provider_for(
-    ctx: &TlsContextConfig,
-) -> Result<rustls::crypto::CryptoProvider, Vec<(&'static str, String)>> {
+pub fn provider_for(ctx: &TlsContextConfig) -> Result<rustls::crypto::CryptoProvider, Vec<(&'static str, String)>> {
     let mut provider = aws_lc_rs::default_provider();
     let mut errs = Vec::new();
     if !ctx.cipher_suites.is_empty() {
@@ -228,10 +220,7 @@ pub fn provider_for(
         }
         provider.kx_groups = groups;
     }
-    match versions(
-        ctx.min_tls_version.as_deref(),
-        ctx.max_tls_version.as_deref(),
-    ) {
+    match versions(ctx.min_tls_version.as_deref(), ctx.max_tls_version.as_deref()) {
         Ok(vs) if errs.is_empty() && !ctx.cipher_suites.is_empty() => {
             let usable = provider
                 .cipher_suites
@@ -247,11 +236,7 @@ pub fn provider_for(
         Ok(_) => {}
         Err(e) => errs.extend(e),
     }
-    if errs.is_empty() {
-        Ok(provider)
-    } else {
-        Err(errs)
-    }
+    if errs.is_empty() { Ok(provider) } else { Err(errs) }
 }
 
 #[cfg(test)]
@@ -260,16 +245,8 @@ mod tests {
 
     #[test]
     fn versions_refuse_obsolete_and_inverted_ranges() {
-        assert!(
-            parse_version("v1.0")
-                .unwrap_err()
-                .contains("not supported by rustls")
-        );
-        assert!(
-            parse_version("v1.1")
-                .unwrap_err()
-                .contains("not supported by rustls")
-        );
+        assert!(parse_version("v1.0").unwrap_err().contains("not supported by rustls"));
+        assert!(parse_version("v1.1").unwrap_err().contains("not supported by rustls"));
         assert_eq!(versions(Some("v1.3"), None).unwrap().len(), 1);
         assert_eq!(versions(None, None).unwrap().len(), 2);
         assert!(versions(Some("v1.3"), Some("v1.2")).is_err());
@@ -278,18 +255,10 @@ mod tests {
     #[test]
     fn suites_by_openssl_or_iana_name() {
         assert_eq!(
-            cipher_suite("ECDHE-ECDSA-AES128-GCM-SHA256")
-                .unwrap()
-                .suite(),
-            cipher_suite("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256")
-                .unwrap()
-                .suite()
+            cipher_suite("ECDHE-ECDSA-AES128-GCM-SHA256").unwrap().suite(),
+            cipher_suite("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256").unwrap().suite()
         );
-        assert!(
-            cipher_suite("DES-CBC3-SHA")
-                .unwrap_err()
-                .contains("DES-CBC3-SHA")
-        );
+        assert!(cipher_suite("DES-CBC3-SHA").unwrap_err().contains("DES-CBC3-SHA"));
     }
 
     #[test]

@@ -93,9 +93,7 @@ impl Watches {
                 return;
             }
             for p in &event.paths {
-                let hits = map
-                    .get(p.as_path())
-                    .or_else(|| p.parent().and_then(|d| map.get(d)));
+                let hits = map.get(p.as_path()).or_else(|| p.parent().and_then(|d| map.get(d)));
                 for &i in hits.into_iter().flatten() {
                     let _ = tx.send(Msg::Changed(i));
                 }
@@ -200,11 +198,7 @@ async fn run(
     let mut next_retry = tokio::time::Instant::now() + retry;
     loop {
         let missing = !store.missing().is_empty();
-        let wake = if missing {
-            next_poll.min(next_retry)
-        } else {
-            next_poll
-        };
+        let wake = if missing { next_poll.min(next_retry) } else { next_poll };
         let mut changed = BTreeSet::new();
         let mut waiters = Vec::new();
         let mut all = false;
@@ -264,12 +258,7 @@ async fn run(
     }
 }
 
-fn absorb(
-    msg: Msg,
-    changed: &mut BTreeSet<usize>,
-    all: &mut bool,
-    waiters: &mut Vec<oneshot::Sender<ReloadReport>>,
-) {
+fn absorb(msg: Msg, changed: &mut BTreeSet<usize>, all: &mut bool, waiters: &mut Vec<oneshot::Sender<ReloadReport>>) {
     match msg {
         Msg::Changed(i) => {
             changed.insert(i);

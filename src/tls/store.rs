@@ -185,10 +185,7 @@ impl ContextSlot {
         let provider = match options::provider_for(&self.cfg) {
             Ok(p) => p,
             Err(errs) => {
-                let msg = errs
-                    .into_iter()
-                    .map(|(f, e)| format!("{f}: {e}"))
-                    .collect::<Vec<_>>();
+                let msg = errs.into_iter().map(|(f, e)| format!("{f}: {e}")).collect::<Vec<_>>();
                 return ReloadOutcome::Failed(MaterialError::Build(msg.join("; ")));
             }
         };
@@ -228,18 +225,13 @@ impl ContextSlot {
             st.last_success = Some(now);
         }
         self.metrics
-            .counter(
-                m::CERT_RELOADS_TOTAL,
-                &[("tls_context", &self.name), ("result", "ok")],
-            )
+            .counter(m::CERT_RELOADS_TOTAL, &[("tls_context", &self.name), ("result", "ok")])
             .increment(1);
         self.gauges.generation.set(g.number as f64);
         self.gauges.last_success.set(unix(now) as f64);
         if let Some(leaf) = g.chain.first() {
             self.gauges.client_not_after.set(leaf.not_after_unix as f64);
-            self.gauges
-                .client_not_before
-                .set(leaf.not_before_unix as f64);
+            self.gauges.client_not_before.set(leaf.not_before_unix as f64);
         }
         if let Some(ca) = g.ca.iter().min_by_key(|c| c.not_after_unix) {
             self.gauges.ca_not_after.set(ca.not_after_unix as f64);
@@ -264,10 +256,7 @@ impl ContextSlot {
     fn on_failed(&self, e: &MaterialError) {
         let kind = e.kind();
         self.metrics
-            .counter(
-                m::CERT_RELOADS_TOTAL,
-                &[("tls_context", &self.name), ("result", kind)],
-            )
+            .counter(m::CERT_RELOADS_TOTAL, &[("tls_context", &self.name), ("result", kind)])
             .increment(1);
         let message = e.to_string();
         let repeated = {
@@ -329,10 +318,7 @@ impl TlsStore {
 
     /// Reloads every context (blocking).
     pub fn reload_all(&self) -> Vec<(Arc<str>, ReloadOutcome)> {
-        self.slots
-            .values()
-            .map(|s| (s.name.clone(), s.reload()))
-            .collect()
+        self.slots.values().map(|s| (s.name.clone(), s.reload())).collect()
     }
 
     /// Contexts without a generation.

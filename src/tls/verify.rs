@@ -8,9 +8,7 @@
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{
-    WebPkiServerVerifier, verify_server_cert_signed_by_trust_anchor, verify_server_name,
-};
+use rustls::client::{WebPkiServerVerifier, verify_server_cert_signed_by_trust_anchor, verify_server_name};
 use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
@@ -56,9 +54,7 @@ fn name_of(id: &Identity) -> Option<ServerName<'static>> {
 fn is_name_error(e: &Error) -> bool {
     matches!(
         e,
-        Error::InvalidCertificate(
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }
-        )
+        Error::InvalidCertificate(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. })
     )
 }
 
@@ -72,18 +68,11 @@ impl ServerCertVerifier for UpstreamVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         if self.identities.is_empty() {
-            return self.webpki.verify_server_cert(
-                end_entity,
-                intermediates,
-                server_name,
-                ocsp,
-                now,
-            );
+            return self
+                .webpki
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
         }
-        let has_uri = self
-            .identities
-            .iter()
-            .any(|i| matches!(i, Identity::Uri(_)));
+        let has_uri = self.identities.iter().any(|i| matches!(i, Identity::Uri(_)));
         if !has_uri {
             for id in &self.identities {
                 let Some(name) = name_of(id) else { continue };
@@ -99,13 +88,7 @@ impl ServerCertVerifier for UpstreamVerifier {
             return Err(Error::InvalidCertificate(CertificateError::NotValidForName));
         }
         let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algs.all)?;
         let uris = uri_sans(end_entity.as_ref());
         for id in &self.identities {
             let ok = match id {

@@ -1,0 +1,547 @@
+//! The HTTP front end: HTTP/1.1 and h2c on one loopback port, forward-proxy (absolute-form)
+//! and Host-routed requests through one route table, forwarded over pooled mTLS connections.
+//!
+//! The upstream always comes from the matched mapping; the request only selects a mapping.
+//! A request no mapping names is refused before any DNS lookup or connect.
+
+pub mod body;
+mod headers;
+pub mod log;
+pub mod mapping;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use metrics::Counter;
+use tokio::net::TcpStream;
+
+use self::body::{ReqBody, RespBody};
+use self::headers::{ERROR_HEADER, strip_hop_by_hop, strip_spoofable, wants_websocket};
+use self::log::RequestLog;
+use self::mapping::HttpMapping;
+use super::error::UpstreamError;
+pub use super::error::classify_hyper;
+use super::pool::{Alpn, Checkout, Pool, PoolKey, Sender, UpstreamSpec};
+use super::route::{RouteTable, rewrite_path};
+use crate::config::Config;
+use crate::metrics::{self as m, Metrics};
+use crate::shutdown::Shutdown;
+use crate::tls::TlsStore;
+
+/// Reasons for refusing a request before any upstream work (the `denied_total` labels).
+const DENY_REASONS: &[&str] = &[
+    "no_route",
+    "connect_method",
+    "malformed_request",
+    "missing_host",
+    "host_mismatch",
+    "header_too_large",
+    "header_timeout",
+    "overloaded",
+];
+
+/// The HTTP listener's shared state.
+pub struct HttpProxy {
+    routes: RouteTable<Arc<HttpMapping>>,
+    mappings: Vec<Arc<HttpMapping>>,
+    pool: Arc<Pool>,
+    shutdown: Shutdown,
+    denied: Vec<(&'static str, Counter)>,
+    builder: auto::Builder<TokioExecutor>,
+    rotation_drain: Duration,
+}
+
+/// Status for an upstream failure reason.
+fn status_for(kind: &str) -> StatusCode {
+    match kind {
+        "no_client_identity" | "overloaded" => StatusCode::SERVICE_UNAVAILABLE,
+        "connect_timeout" | "handshake_timeout" | "dns_timeout" | "upstream_timeout" => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// A refusal or failure as the app sees it: short text, and the reason in a header.
+pub fn error_response(status: StatusCode, reason: &str, message: &str) -> Response<RespBody> {
+    let mut r = Response::new(RespBody::text(format!("mtls-sidecar: {message}\n")));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        h.insert(ERROR_HEADER, v);
+    }
+    r
+}
+
+fn same_host(a: &str, b: &str) -> bool {
+    let norm = |s: &str| super::route::split_authority(s).map(|(h, _)| h);
+    norm(a).is_some() && norm(a) == norm(b)
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+impl HttpProxy {
+    /// Builds the route table and the server settings from validated configuration.
+    pub fn new(
+        config: &Config,
+        store: &TlsStore,
+        metrics: &Arc<Metrics>,
+        shutdown: Shutdown,
+    ) -> Result<Arc<Self>, String> {
+        let mut mappings = Vec::new();
+        let mut routes = Vec::new();
+        for (i, mc) in config.mappings.iter().enumerate() {
+            let mapping = Arc::new(HttpMapping::new(i, mc, store, metrics)?);
+            routes.push(mapping.route(mc)?);
+            mappings.push(mapping);
+        }
+        let l = &config.limits;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(l.header_read_timeout.0)
+            .max_buf_size(l.max_header_bytes.max(8192))
+            .max_headers(l.max_headers)
+            .half_close(false);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(1024)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let denied = DENY_REASONS
+            .iter()
+            .map(|r| {
+                (
+                    *r,
+                    metrics.counter(m::DENIED_TOTAL, &[("listener", "http"), ("reason", r)]),
+                )
+            })
+            .collect();
+        Ok(Arc::new(HttpProxy {
+            routes: RouteTable::new(routes),
+            mappings,
+            pool: Arc::new(Pool::new(shutdown.force_close.clone())),
+            shutdown,
+            denied,
+            builder,
+            rotation_drain: config.rotation_drain_timeout.0,
+        }))
+    }
+
+    /// The `denied_total{listener="http", reason}` counter.
+    pub fn denied(&self, reason: &str) -> Option<&Counter> {
+        self.denied.iter().find(|(r, _)| *r == reason).map(|(_, c)| c)
+    }
+
+    fn deny(&self, status: StatusCode, reason: &'static str, message: &str) -> Response<RespBody> {
+        if let Some(c) = self.denied(reason) {
+            c.increment(1);
+        }
+        tracing::info!(reason, "refused a request: {message}");
+        error_response(status, reason, message)
+    }
+
+    /// Closes pooled connections of superseded generations and idle ones; call periodically.
+    pub fn sweep(&self) {
+        self.pool.sweep(
+            |i| {
+                self.mappings
+                    .get(i)
+                    .and_then(|m| m.context.as_ref())
+                    .and_then(|c| c.current())
+                    .map_or(0, |g| g.number)
+            },
+            |i| self.mappings.get(i).map_or(Duration::from_secs(60), |m| m.idle_timeout),
+            self.rotation_drain,
+        );
+    }
+
+    /// Serves one accepted connection (HTTP/1.1 or h2c) until it closes.
+    pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let this = self.clone();
+        let svc = service_fn(move |req| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.handle(req).await) }
+        });
+        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        let drain = self.shutdown.drain.clone();
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        self.connection_error(&*e, peer);
+                    }
+                    return;
+                }
+                _ = drain.cancelled(), if !draining => {
+                    // HTTP/1.1: close when idle; HTTP/2: GOAWAY. New connections are still served.
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = self.shutdown.force_close.cancelled() => return,
+            }
+        }
+    }
+
+    fn connection_error(&self, e: &(dyn std::error::Error + 'static), peer: SocketAddr) {
+        let Some(h) = e.downcast_ref::<hyper::Error>() else {
+            tracing::debug!(peer = %peer, error = %e, "app connection ended with an error");
+            return;
+        };
+        let reason = if h.is_parse_too_large() {
+            "header_too_large"
+        } else if h.is_parse() || h.is_parse_status() {
+            "malformed_request"
+        } else if h.is_timeout() {
+            "header_timeout"
+        } else {
+            tracing::debug!(peer = %peer, error = %h, "app connection ended with an error");
+            return;
+        };
+        if let Some(c) = self.denied(reason) {
+            c.increment(1);
+        }
+        tracing::info!(peer = %peer, reason, "closed an app connection: {h}");
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
+        let version = req.version();
+        let mut resp = self.route_and_forward(req).await;
+        if self.shutdown.is_draining() && version == Version::HTTP_11 {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
+    async fn route_and_forward(&self, mut req: Request<Incoming>) -> Response<RespBody> {
+        let started = Instant::now();
+        if req.method() == Method::CONNECT {
+            return self.deny(
+                StatusCode::FORBIDDEN,
+                "connect_method",
+                "CONNECT tunnels are refused: inside a tunnel the app would run its own TLS and the sidecar could not add the client certificate; send plain http:// requests and let a mapping add mTLS",
+            );
+        }
+        let h = req.headers();
+        if req.version() == Version::HTTP_11
+            && h.contains_key(header::TRANSFER_ENCODING)
+            && h.contains_key(header::CONTENT_LENGTH)
+        {
+            return self.deny(
+                StatusCode::BAD_REQUEST,
+                "malformed_request",
+                "a request with both Content-Length and Transfer-Encoding is ambiguous (request smuggling); send one of them",
+            );
+        }
+        let host_header = h.get(header::HOST).and_then(|v| v.to_str().ok());
+        let authority = match (req.uri().authority().map(|a| a.as_str()), host_header) {
+            (Some(a), Some(hh)) if !same_host(a, hh) => {
+                return self.deny(
+                    StatusCode::BAD_REQUEST,
+                    "host_mismatch",
+                    &format!("the request target names `{a}` but the Host header says `{hh}`; they must agree"),
+                );
+            }
+            (Some(a), _) => a.to_owned(),
+            (None, Some(hh)) => hh.to_owned(),
+            (None, None) => {
+                return self.deny(
+                    StatusCode::BAD_REQUEST,
+                    "missing_host",
+                    "the request has no Host header and no absolute URI",
+                );
+            }
+        };
+        let Some(route) = self.routes.lookup(&authority, req.uri().path()) else {
+            return self.deny(
+                StatusCode::FORBIDDEN,
+                "no_route",
+                &format!("no mapping routes `{authority}{}`; add a Mapping for this host and prefix (the sidecar is not an open proxy)", req.uri().path()),
+            );
+        };
+        let mapping = route.value.clone();
+        let websocket = mapping.allow_websocket && req.version() == Version::HTTP_11 && wants_websocket(req.headers());
+        let downstream_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+        let generation = match &mapping.context {
+            None => None,
+            Some(slot) => match slot.current() {
+                Some(g) => Some(g),
+                None => {
+                    let e = UpstreamError::NoClientIdentity {
+                        context: slot.name.to_string(),
+                    };
+                    return self.fail(&mapping, started, &e);
+                }
+            },
+        };
+        let (mut parts, incoming) = req.into_parts();
+        let h2_downstream = parts.version == Version::HTTP_2;
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let new_path = rewrite_path(path_and_query, &mapping.prefix, mapping.rewrite.as_deref());
+        let log_enabled = tracing::enabled!(target: "access", tracing::Level::INFO);
+        let counter = Arc::new(AtomicU64::new(0));
+        let mut log = log_enabled.then(|| {
+            Box::new(RequestLog::new(
+                started,
+                &mapping,
+                parts.method.clone(),
+                parts.uri.path(),
+                parts.version,
+                counter.clone(),
+            ))
+        });
+        strip_hop_by_hop(&mut parts.headers, websocket);
+        strip_spoofable(&mut parts.headers);
+        let host = match &mapping.host_rewrite {
+            Some(h) => h.clone(),
+            None => match HeaderValue::from_str(&authority) {
+                Ok(v) => v,
+                Err(_) => {
+                    return self.deny(
+                        StatusCode::BAD_REQUEST,
+                        "malformed_request",
+                        "the authority is not a valid header value",
+                    );
+                }
+            },
+        };
+        let bodyless = http_body::Body::is_end_stream(&incoming);
+        let alpn = if websocket {
+            Alpn::H1
+        } else if h2_downstream {
+            Alpn::H2
+        } else {
+            Alpn::Auto
+        };
+        let tls = generation.as_ref().map(|g| match alpn {
+            Alpn::Auto => &g.configs.http,
+            Alpn::H2 => &g.configs.h2,
+            Alpn::H1 => &g.configs.http1,
+        });
+        let spec = UpstreamSpec {
+            target: &mapping.target,
+            tls,
+            connect_timeout: mapping.connect_timeout,
+            idle_timeout: mapping.idle_timeout,
+            not_after: generation.as_ref().and_then(|g| g.client_not_after()),
+            metrics: &mapping.cm,
+            describe_peer: log_enabled,
+        };
+        let key = PoolKey {
+            upstream: mapping.index,
+            generation: generation.as_ref().map_or(0, |g| g.number),
+            alpn,
+        };
+        let retry_reset = mapping.retries_on_reset > 0 && idempotent(&parts.method) && bodyless;
+        let mut connect_retries = mapping.retries_on_connect;
+        let mut reset_retries = mapping.retries_on_reset;
+        let mut unsent_retries = 2u32;
+        let mut pending = Some((parts, ReqBody::new(incoming, counter)));
+        loop {
+            let Checkout { sender, meta, reused } = match self.pool.checkout(key, &spec).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let connect_class = matches!(
+                        e.kind(),
+                        "connect_refused" | "connect_timeout" | "connect_error" | "dns_error"
+                    );
+                    if connect_class && connect_retries > 0 {
+                        connect_retries -= 1;
+                        tracing::debug!(mapping = %mapping.name, reason = e.kind(), "retrying after a connect failure");
+                        continue;
+                    }
+                    return self.fail(&mapping, started, &e);
+                }
+            };
+            let Some((mut p, b)) = pending.take() else {
+                return self.deny(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_request",
+                    "internal: the request was lost",
+                );
+            };
+            let spare = (retry_reset && reused && reset_retries > 0).then(|| clone_parts(&p));
+            match &sender {
+                Sender::H1(_) => {
+                    p.version = Version::HTTP_11;
+                    p.uri = match Uri::try_from(new_path.as_str()) {
+                        Ok(u) => u,
+                        Err(_) => {
+                            return self.deny(
+                                StatusCode::BAD_REQUEST,
+                                "malformed_request",
+                                "the rewritten path is not a valid URI",
+                            );
+                        }
+                    };
+                    p.headers.insert(header::HOST, host.clone());
+                }
+                Sender::H2(_) => {
+                    p.version = Version::HTTP_2;
+                    let scheme = if tls.is_some() { "https" } else { "http" };
+                    let auth = host.to_str().unwrap_or(&authority);
+                    p.uri = match Uri::try_from(format!("{scheme}://{auth}{new_path}")) {
+                        Ok(u) => u,
+                        Err(_) => {
+                            return self.deny(
+                                StatusCode::BAD_REQUEST,
+                                "malformed_request",
+                                "the rewritten URI is not valid",
+                            );
+                        }
+                    };
+                    p.headers.remove(header::HOST);
+                }
+            }
+            let upstream_req = Request::from_parts(p, b);
+            let (result, h1_sender) = match sender {
+                Sender::H1(mut s) => (
+                    tokio::time::timeout(mapping.timeout, s.try_send_request(upstream_req)).await,
+                    Some(s),
+                ),
+                Sender::H2(mut s) => (
+                    tokio::time::timeout(mapping.timeout, s.try_send_request(upstream_req)).await,
+                    None,
+                ),
+            };
+            let response = match result {
+                Err(_) => {
+                    let e = UpstreamError::ResponseTimeout {
+                        addr: mapping.target.authority(),
+                        ms: mapping.timeout.as_millis(),
+                    };
+                    return self.fail(&mapping, started, &e);
+                }
+                Ok(Ok(r)) => r,
+                Ok(Err(mut err)) => {
+                    if let Some(unsent) = err.take_message()
+                        && unsent_retries > 0
+                    {
+                        // Never written: safe to send again on another connection.
+                        unsent_retries -= 1;
+                        pending = Some(unsent.into_parts());
+                        continue;
+                    }
+                    let e = err.into_error();
+                    let kind = classify_hyper(&e);
+                    if kind == "peer_rejected_client_cert" && !reused {
+                        mapping.cm.late_handshake_failure(kind);
+                    }
+                    if let Some(p) = spare
+                        && kind == "upstream_reset"
+                    {
+                        reset_retries -= 1;
+                        tracing::debug!(mapping = %mapping.name, "retrying an idempotent request after a reset on a reused connection");
+                        pending = Some((p, ReqBody::empty()));
+                        continue;
+                    }
+                    let e = UpstreamError::Http {
+                        addr: mapping.target.authority(),
+                        kind,
+                        source: e,
+                    };
+                    return self.fail(&mapping, started, &e);
+                }
+            };
+            let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS && websocket;
+            if let Some(s) = h1_sender
+                && !upgraded
+            {
+                self.pool.checkin(key, s, meta.clone());
+            }
+            return self.respond(
+                &mapping,
+                started,
+                response,
+                meta,
+                log.take(),
+                if upgraded { downstream_upgrade } else { None },
+            );
+        }
+    }
+
+    fn respond(
+        &self,
+        mapping: &HttpMapping,
+        started: Instant,
+        mut response: Response<Incoming>,
+        meta: Arc<super::pool::ConnMeta>,
+        log: Option<Box<RequestLog>>,
+        downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<RespBody> {
+        let status = response.status();
+        mapping.count(status.as_u16());
+        mapping.duration.record(started.elapsed().as_secs_f64());
+        let upgrading = downstream_upgrade.is_some();
+        if let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut response);
+            let force = self.shutdown.force_close.clone();
+            let idle = mapping.idle_timeout;
+            self.shutdown.tracker.spawn(async move {
+                let (Ok(down), Ok(up)) = (down.await, up.await) else {
+                    return;
+                };
+                let mut down = TokioIo::new(down);
+                let mut up = TokioIo::new(up);
+                let (stats, end) = super::relay::relay(&mut down, &mut up, idle, 16 * 1024, &force).await;
+                tracing::debug!(?stats, ?end, "websocket closed");
+            });
+        }
+        let (mut parts, incoming) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgrading);
+        parts.headers.remove(ERROR_HEADER);
+        let body = match log {
+            Some(mut l) => {
+                l.status = status.as_u16();
+                l.conn = Some(meta);
+                RespBody::upstream(incoming, l)
+            }
+            None => RespBody::Upstream {
+                inner: incoming,
+                log: None,
+            },
+        };
+        Response::from_parts(parts, body)
+    }
+
+    fn fail(&self, mapping: &HttpMapping, started: Instant, e: &UpstreamError) -> Response<RespBody> {
+        let kind = e.kind();
+        let status = status_for(kind);
+        mapping.count(status.as_u16());
+        mapping.duration.record(started.elapsed().as_secs_f64());
+        tracing::warn!(mapping = %mapping.name, tls_context = %mapping.tls_label, upstream = %mapping.target.authority(), reason = kind, status = status.as_u16(), "request failed: {e}");
+        error_response(status, kind, &e.to_string())
+    }
+}
+
+/// A copy of a request head for a possible retry (`Parts` is not `Clone`: extensions).
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = p.method.clone();
+    *r.uri_mut() = p.uri.clone();
+    *r.version_mut() = p.version;
+    *r.headers_mut() = p.headers.clone();
+    r.into_parts().0
+}

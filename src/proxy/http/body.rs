@@ -1,0 +1,153 @@
+//! Body wrappers: count bytes each way, carry errors through untouched (a body that died
+//! mid-stream must reach the app as an error, never as a short but "complete" body), and emit
+//! the access log when the response body ends.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::log::RequestLog;
+
+/// The app's request body on its way upstream.
+#[derive(Debug)]
+pub struct ReqBody {
+    inner: Option<Incoming>,
+    bytes: Option<Arc<AtomicU64>>,
+}
+
+impl ReqBody {
+    /// No body.
+    pub fn empty() -> Self {
+        ReqBody {
+            inner: None,
+            bytes: None,
+        }
+    }
+
+    /// The app's body, counted into `bytes`.
+    pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
+        ReqBody {
+            inner: Some(inner),
+            bytes: Some(bytes),
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let r = Pin::new(inner).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(f))), Some(b)) = (&r, &this.bytes)
+            && let Some(d) = f.data_ref()
+        {
+            b.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// What the app receives.
+#[derive(Debug)]
+pub enum RespBody {
+    /// The upstream's body; the log is emitted when it ends, fails or is dropped.
+    Upstream {
+        /// Upstream body.
+        inner: Incoming,
+        /// Pending access-log record.
+        log: Option<Box<RequestLog>>,
+    },
+    /// A short text (errors) or nothing.
+    Full(Option<Bytes>),
+}
+
+impl RespBody {
+    /// A complete body.
+    pub fn text(s: impl Into<Bytes>) -> Self {
+        RespBody::Full(Some(s.into()))
+    }
+
+    /// The upstream's body with its log record.
+    pub fn upstream(inner: Incoming, log: Box<RequestLog>) -> Self {
+        RespBody::Upstream { inner, log: Some(log) }
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RespBody::Upstream { inner, log } => {
+                let r = Pin::new(inner).poll_frame(cx);
+                match &r {
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let (Some(d), Some(l)) = (f.data_ref(), log.as_mut()) {
+                            l.bytes_from_upstream += d.len() as u64;
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        if let Some(l) = log.take() {
+                            (*l).finish(Some(super::classify_hyper(e)));
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(l) = log.take() {
+                            (*l).finish(None);
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+                r
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Full(b) => b.is_none(),
+            RespBody::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            RespBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for RespBody {
+    fn drop(&mut self) {
+        if let RespBody::Upstream { inner, log } = self
+            && let Some(l) = log.take()
+        {
+            // Dropped before the end: the app went away (or hyper stopped reading).
+            let outcome = (!inner.is_end_stream()).then_some("downstream_closed");
+            (*l).finish(outcome);
+        }
+    }
+}
