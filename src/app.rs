@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
+use crate::admin::Admin;
 use crate::config::Config;
 use crate::metrics::{self as m, Metrics};
 use crate::proxy::accept::{Overload, accept_loop};
@@ -74,6 +75,10 @@ impl Readiness {
 pub struct Sidecar {
     /// The effective configuration.
     pub config: Arc<Config>,
+    /// Bound address of the admin listener.
+    pub admin_addr: Option<SocketAddr>,
+    /// Notified by `POST /drain`.
+    pub drain_requested: Arc<Notify>,
     /// Bound address of the HTTP listener.
     pub http_addr: Option<SocketAddr>,
     /// Bound address of each TCP mapping, by name.
@@ -112,6 +117,10 @@ pub async fn start(config: Config) -> Result<Sidecar, StartError> {
             let proxy = HttpProxy::new(&config, &store, &metrics, shutdown.clone()).map_err(StartError::Mapping)?;
             Some((proxy, bind("listeners.http", l.address).await?))
         }
+        None => None,
+    };
+    let admin_listener = match &config.admin {
+        Some(a) => Some(bind("admin", a.address).await?),
         None => None,
     };
     let mut tcp = Vec::new();
@@ -216,8 +225,26 @@ pub async fn start(config: Config) -> Result<Sidecar, StartError> {
             }
         }
     });
+    let drain_requested = Arc::new(Notify::new());
+    let mut admin_addr = None;
+    if let Some(listener) = admin_listener {
+        admin_addr = Some(local_addr(&listener, "admin")?);
+        let admin = Arc::new(Admin {
+            config: config.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            reloader: reloader.clone(),
+            drain_requested: drain_requested.clone(),
+            shutdown: shutdown.clone(),
+        });
+        tokio::spawn(admin.serve(listener));
+        tracing::info!(addr = %admin_addr.map(|a| a.to_string()).unwrap_or_default(), "admin listener ready (/metrics /healthz /readyz /certs /config)");
+    }
     readiness.refresh();
     Ok(Sidecar {
+        admin_addr,
+        drain_requested,
         config,
         http_addr,
         tcp_addrs,
@@ -321,6 +348,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = sidecar.drain_requested.notified() => break,
         }
     }
     let min = drain_timeout.min(MIN_DRAIN);

@@ -3,6 +3,7 @@
 //! Kubernetes Secret volumes. See ARCHITECTURE.md for the map of this crate.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod app;
 pub mod check;
 pub mod cli;
