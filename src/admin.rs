@@ -55,7 +55,8 @@ pub fn mutation_allowed(peer: std::net::IpAddr) -> bool {
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
@@ -124,22 +125,30 @@ impl Admin {
     pub async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
         let path = req.uri().path();
         match (req.method(), path) {
-            (&Method::GET | &Method::HEAD, "/metrics") => {
-                respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render())
-            }
+            (&Method::GET | &Method::HEAD, "/metrics") => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.render(),
+            ),
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET | &Method::HEAD, "/readyz") => match self.readiness.check() {
                 Ok(()) => text(StatusCode::OK, "ready\n"),
                 Err(missing) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready:\n{}\n", missing.iter().map(|m| format!("- {m}")).collect::<Vec<_>>().join("\n")),
+                    format!(
+                        "not ready:\n{}\n",
+                        missing.iter().map(|m| format!("- {m}")).collect::<Vec<_>>().join("\n")
+                    ),
                 ),
             },
             (&Method::GET, "/certs") => self.certs(),
             (&Method::GET, "/config") => json(&*self.config),
             (&Method::POST, "/reload" | "/drain") if !mutation_allowed(peer.ip()) => text(
                 StatusCode::FORBIDDEN,
-                format!("{path} is only accepted from loopback (this pod); {} is not\n", peer.ip()),
+                format!(
+                    "{path} is only accepted from loopback (this pod); {} is not\n",
+                    peer.ip()
+                ),
             ),
             (&Method::POST, "/reload") => {
                 let report = self.reloader.reload_and_report().await;
@@ -191,7 +200,12 @@ impl Admin {
                 loaded_at: g.as_ref().map(|g| rfc3339(unix(g.loaded_at))),
                 last_reload_success: slot.last_success().map(|t| rfc3339(unix(t))),
                 last_error: slot.last_error(),
-                watched_dirs: slot.source().watch_dirs().iter().map(|d| d.display().to_string()).collect(),
+                watched_dirs: slot
+                    .source()
+                    .watch_dirs()
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect(),
                 ca_ignored: g.as_ref().map_or(0, |g| g.ca_ignored),
                 certificates,
             });

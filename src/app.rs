@@ -142,6 +142,7 @@ pub async fn start(config: Config) -> Result<Sidecar, StartError> {
         store.clone(),
         metrics.clone(),
         config.reload_poll_interval.0,
+        config.reload_watch,
         stop_background.clone(),
         Arc::new(move || r.refresh()),
     )

@@ -28,6 +28,80 @@ enum Command {
     Check(ConfigArgs),
     /// Run the whole mission on an embedded example: throwaway CA, upstream, sidecar, rotation.
     Demo,
+    /// Add the sidecar to Kubernetes workloads (YAML on stdin or -f), like `linkerd inject`.
+    Inject(InjectArgs),
+    /// Exit 0 once the local sidecar is ready (for clusters without native sidecars).
+    Wait(WaitArgs),
+    /// Print (default) or apply the transparent-mode iptables rules for a pod.
+    Iptables(IptablesArgs),
+}
+
+/// `iptables` options.
+#[derive(Debug, Args)]
+struct IptablesArgs {
+    /// Apply the rules (needs NET_ADMIN) instead of printing them.
+    #[arg(long)]
+    apply: bool,
+    /// IPv6 (ip6tables) rules.
+    #[arg(long)]
+    ipv6: bool,
+    /// The transparent listener's port.
+    #[arg(long, default_value_t = 15006)]
+    port: u16,
+    /// The sidecar's uid: its own connections are never redirected.
+    #[arg(long, default_value_t = 65532)]
+    uid: u32,
+    /// A destination CIDR never redirected (repeatable).
+    #[arg(long = "exclude-cidr", value_name = "CIDR", value_parser = parse_cidr)]
+    exclude_cidrs: Vec<crate::config::Cidr>,
+    /// A destination port never redirected (repeatable).
+    #[arg(long = "exclude-port", value_name = "PORT")]
+    exclude_ports: Vec<u16>,
+}
+
+fn parse_cidr(s: &str) -> Result<crate::config::Cidr, String> {
+    crate::config::Cidr::parse(s)
+}
+
+/// `inject` options.
+#[derive(Debug, Args)]
+struct InjectArgs {
+    /// Input file, or `-` for stdin [default: stdin].
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Sidecar image.
+    #[arg(long, default_value = concat!("mtls-sidecar:", env!("CARGO_PKG_VERSION")))]
+    image: String,
+    /// ConfigMap that holds the sidecar's config.yaml.
+    #[arg(long, default_value = "mtls-sidecar-config")]
+    config_map: String,
+    /// Secret(s) to mount under /var/run/secrets/mtls-sidecar/<name> (repeatable).
+    #[arg(long = "secret", value_name = "NAME", default_values_t = vec!["mtls-client-certs".to_owned()])]
+    secrets: Vec<String>,
+    /// The sidecar's HTTP listener port (for HTTP_PROXY).
+    #[arg(long, default_value_t = 15001)]
+    http_port: u16,
+    /// The sidecar's admin port (probes, Prometheus).
+    #[arg(long, default_value_t = 15090)]
+    admin_port: u16,
+    /// Also add the iptables init container redirecting outbound TCP to this transparent port.
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "15006")]
+    transparent: Option<u16>,
+}
+
+/// `wait` options.
+#[derive(Debug, Args)]
+struct WaitArgs {
+    /// Give up after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_dur)]
+    timeout: std::time::Duration,
+    /// The sidecar's admin address.
+    #[arg(long, default_value = "127.0.0.1:15090")]
+    admin: std::net::SocketAddr,
+}
+
+fn parse_dur(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(s)
 }
 
 /// Where the configuration comes from.
@@ -63,6 +137,28 @@ pub fn main() -> ExitCode {
         Some(Command::Run(a)) => run(&a),
         Some(Command::Check(a)) => crate::check::main(&a),
         Some(Command::Demo) => crate::demo::main(),
+        Some(Command::Wait(w)) => crate::wait::main(w.admin, w.timeout),
+        Some(Command::Iptables(a)) => {
+            let rules = crate::iptables::Rules {
+                port: a.port,
+                uid: a.uid,
+                exclude_cidrs: a.exclude_cidrs,
+                exclude_ports: a.exclude_ports,
+                ipv6: a.ipv6,
+            };
+            crate::iptables::main(&rules, a.apply)
+        }
+        Some(Command::Inject(a)) => {
+            let o = crate::inject::Options {
+                image: a.image,
+                config_map: a.config_map,
+                secrets: a.secrets,
+                http_port: a.http_port,
+                admin_port: a.admin_port,
+                transparent: a.transparent,
+            };
+            crate::inject::main(a.file, &o)
+        }
     }
 }
 

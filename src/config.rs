@@ -5,6 +5,7 @@
 //! next one; `validate()` then checks the relations between sections. All problems come back
 //! together, each with its key path, its bad value and where it came from.
 
+mod cidr;
 mod duration;
 mod emissary;
 mod listen;
@@ -17,10 +18,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use duration::{Dur, Millis};
+pub use cidr::Cidr;
+pub use duration::{Dur, Millis, format_duration, parse_duration};
 pub use emissary::emissary_import;
 pub use listen::ListenAddr;
-pub use load::{ConfigError, ConfigSource, Problem, from_figment, load};
+pub use load::{ConfigError, ConfigSource, Problem, finish, from_figment, load};
 pub use service::{Scheme, ServiceTarget, is_dns_name, split_host_port};
 pub use validate::{Warning, validate};
 
@@ -54,6 +56,10 @@ pub struct Config {
     /// Periodic re-read of every Secret, the safety net for missed events.
     #[serde(default = "default_poll_interval")]
     pub reload_poll_interval: Dur,
+    /// `inotify` (events plus the periodic re-read) or `poll` (periodic re-read only, for
+    /// file systems without inotify).
+    #[serde(default)]
+    pub reload_watch: WatchMode,
     /// How long pooled upstream connections of an old generation may finish their work.
     #[serde(default = "default_rotation_drain")]
     pub rotation_drain_timeout: Dur,
@@ -69,6 +75,13 @@ pub struct Config {
     /// Emissary `TCPMapping`s, each with its own loopback port.
     #[serde(default)]
     pub tcp_mappings: Vec<TcpMappingConfig>,
+    /// Rules for connections redirected to the transparent listener, first match wins.
+    #[serde(default)]
+    pub transparent_rules: Vec<TransparentRule>,
+    /// How long the transparent listener waits for the app's first bytes to tell HTTP from
+    /// other protocols before relaying as TCP (server-speaks-first protocols send nothing).
+    #[serde(default = "default_detect_timeout")]
+    pub protocol_detect_timeout: Dur,
     /// Files of Emissary Kubernetes YAML to import.
     #[serde(default)]
     pub emissary_resources: Vec<PathBuf>,
@@ -84,11 +97,14 @@ impl Default for Config {
             log: LogConfig::default(),
             drain_timeout: default_drain_timeout(),
             reload_poll_interval: default_poll_interval(),
+            reload_watch: WatchMode::default(),
             rotation_drain_timeout: default_rotation_drain(),
             limits: Limits::default(),
             tls_contexts: BTreeMap::new(),
             mappings: Vec::new(),
             tcp_mappings: Vec::new(),
+            transparent_rules: Vec::new(),
+            protocol_detect_timeout: default_detect_timeout(),
             emissary_resources: Vec::new(),
         }
     }
@@ -134,6 +150,17 @@ impl Default for LogConfig {
             format: LogFormat::Text,
         }
     }
+}
+
+/// How Secret directories are watched.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchMode {
+    /// inotify on each directory, with the periodic re-read as a safety net.
+    #[default]
+    Inotify,
+    /// Only the periodic re-read.
+    Poll,
 }
 
 /// Log line format.
@@ -351,6 +378,50 @@ pub struct TcpMappingConfig {
     pub idle_timeout_ms: Option<Millis>,
 }
 
+/// How a transparent rule treats a connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Detect HTTP/1.1 and h2 from the first bytes, else relay as TCP.
+    #[default]
+    Auto,
+    /// Always HTTP: route by Host through the HTTP mappings.
+    Http,
+    /// Always opaque TCP (server-speaks-first protocols such as MySQL, SMTP).
+    Tcp,
+}
+
+/// A transparent-mode rule: which redirected destinations the sidecar takes, and how.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentRule {
+    /// Unique name; the `listener` label of its TCP relays.
+    pub name: String,
+    /// Original destinations, as CIDR blocks or addresses (a string or a list).
+    pub destination: StringList,
+    /// Original destination ports; empty means every port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// TLSContext for TCP relays to the original destination.
+    #[serde(default)]
+    pub tls: Option<String>,
+    /// Server name to send and verify; default: the destination IP (its IP SAN is verified).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// `auto`, `http` or `tcp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Relay in plaintext, without TLS: must be asked for explicitly.
+    #[serde(default)]
+    pub passthrough: bool,
+    /// TCP connect + TLS handshake timeout.
+    #[serde(default)]
+    pub connect_timeout_ms: Option<Millis>,
+    /// Idle timeout of TCP relays.
+    #[serde(default)]
+    pub idle_timeout_ms: Option<Millis>,
+}
+
 /// Default connect + handshake timeout.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 3_000;
 /// Default TCP relay / pooled connection idle timeout.
@@ -406,6 +477,9 @@ fn default_keepalive_timeout() -> Dur {
 }
 fn default_buffer_bytes() -> usize {
     32 * 1024
+}
+fn default_detect_timeout() -> Dur {
+    Dur(std::time::Duration::from_millis(500))
 }
 fn default_prefix() -> String {
     "/".to_owned()

@@ -39,6 +39,8 @@ pub const CERT_GENERATION: &str = "mtls_sidecar_certificate_generation";
 pub const CERT_LAST_RELOAD_SUCCESS: &str = "mtls_sidecar_certificate_last_reload_success_timestamp_seconds";
 /// How a context's files are watched (`inotify` or `poll`).
 pub const CERT_WATCH_MODE: &str = "mtls_sidecar_certificate_watch_mode";
+/// 1 while the context's files are present on disk (0 after an optional Secret was deleted).
+pub const IDENTITY_PRESENT: &str = "mtls_sidecar_identity_material_present";
 /// 1 while a context skips upstream verification.
 pub const TLS_INSECURE: &str = "mtls_sidecar_tls_context_insecure";
 /// Connections of older generations still open (TCP relays are never cut by a rotation).
@@ -108,6 +110,10 @@ const HELP: &[(&str, &str)] = &[
     (
         CERT_WATCH_MODE,
         "1 for the mode each TLS context's files are watched with (inotify, poll).",
+    ),
+    (
+        IDENTITY_PRESENT,
+        "1 while the TLS context's files are present on disk; 0 when they vanished (the last good generation keeps serving).",
     ),
     (
         TLS_INSECURE,

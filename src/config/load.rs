@@ -151,6 +151,7 @@ fn from_figment_with_origin(figment: &Figment, file: Option<&str>) -> Result<Con
     let contexts = dict.remove("tls_contexts");
     let mappings = dict.remove("mappings");
     let tcp = dict.remove("tcp_mappings");
+    let rules = dict.remove("transparent_rules");
     for (key, value) in &dict {
         let single: Dict = [(key.clone(), value.clone())].into_iter().collect();
         check::<Config>(&Value::from(single), "", file, &mut problems);
@@ -169,17 +170,18 @@ fn from_figment_with_origin(figment: &Figment, file: Option<&str>) -> Result<Con
             )),
         }
     }
-    for (section, value) in [("mappings", &mappings), ("tcp_mappings", &tcp)] {
+    type Check = fn(&Value, &str, Option<&str>, &mut Vec<Problem>);
+    let lists: [(&str, &Option<Value>, Check); 3] = [
+        ("mappings", &mappings, check::<super::MappingConfig>),
+        ("tcp_mappings", &tcp, check::<super::TcpMappingConfig>),
+        ("transparent_rules", &rules, check::<super::TransparentRule>),
+    ];
+    for (section, value, check_item) in lists {
         let Some(v) = value else { continue };
         match v.as_array() {
             Some(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    let path = format!("{section}[{i}]");
-                    if section == "mappings" {
-                        check::<super::MappingConfig>(item, &path, file, &mut problems);
-                    } else {
-                        check::<super::TcpMappingConfig>(item, &path, file, &mut problems);
-                    }
+                    check_item(item, &format!("{section}[{i}]"), file, &mut problems);
                 }
             }
             None => problems.push(Problem::new(section, "must be a list")),
@@ -192,6 +194,7 @@ fn from_figment_with_origin(figment: &Figment, file: Option<&str>) -> Result<Con
         ("tls_contexts", contexts),
         ("mappings", mappings),
         ("tcp_mappings", tcp),
+        ("transparent_rules", rules),
     ] {
         if let Some(v) = v {
             dict.insert(k.to_owned(), v);
@@ -216,7 +219,11 @@ fn problem(e: figment::Error, prefix: &str, file: Option<&str>) -> Problem {
     parts.extend(e.path.iter().cloned());
     let message = match &e.kind {
         figment::error::Kind::UnknownField(field, expected) => {
-            parts.push(field.clone());
+            // figment's own path usually ends with the unknown key already; a custom
+            // visitor's (e.g. `ListenAddr`) does not.
+            if parts.last() != Some(field) {
+                parts.push(field.clone());
+            }
             format!("unknown field `{field}`; expected one of: {}", expected.join(", "))
         }
         other => other.to_string(),

@@ -50,11 +50,13 @@ pub fn validate(c: &Config) -> Result<Vec<Warning>, ConfigError> {
     }
     mappings(c, &own, &mut r);
     tcp_mappings(c, &own, &mut r);
+    transparent(c, &mut r);
     let used: HashSet<&str> = c
         .mappings
         .iter()
         .filter_map(|m| m.tls.as_deref())
         .chain(c.tcp_mappings.iter().filter_map(|m| m.tls.as_deref()))
+        .chain(c.transparent_rules.iter().filter_map(|m| m.tls.as_deref()))
         .collect();
     for name in c.tls_contexts.keys() {
         if !used.contains(name.as_str()) {
@@ -294,8 +296,8 @@ fn loops_to_self(target: &ServiceTarget, port: u16, own: &[(String, SocketAddr)]
         .map(|(path, a)| format!("would loop back into the sidecar's own listener {path} ({a})"))
 }
 
-fn timeouts(path: &str, fields: [(&str, Option<super::Millis>); 3], r: &mut Report) {
-    for (field, v) in fields {
+fn timeouts(path: &str, fields: &[(&str, Option<super::Millis>)], r: &mut Report) {
+    for &(field, v) in fields {
         if let Some(v) = v
             && v.0.is_zero()
         {
@@ -361,7 +363,7 @@ fn mappings(c: &Config, own: &[(String, SocketAddr)], r: &mut Report) {
         service_ref(&path, &m.service, m.tls.as_deref(), true, c, own, r);
         timeouts(
             &path,
-            [
+            &[
                 ("timeout_ms", m.timeout_ms),
                 ("connect_timeout_ms", m.connect_timeout_ms),
                 ("idle_timeout_ms", m.idle_timeout_ms),
@@ -467,15 +469,107 @@ fn tcp_mappings(c: &Config, own: &[(String, SocketAddr)], r: &mut Report) {
         service_ref(&path, &m.service, m.tls.as_deref(), false, c, own, r);
         timeouts(
             &path,
-            [
+            &[
                 ("connect_timeout_ms", m.connect_timeout_ms),
                 ("idle_timeout_ms", m.idle_timeout_ms),
-                ("connect_timeout_ms", None),
             ],
             r,
         );
         if m.tls.is_none() {
             r.warn(path, "has no `tls:`: bytes are relayed to the upstream in plaintext");
         }
+    }
+}
+
+fn transparent(c: &Config, r: &mut Report) {
+    if c.listeners.transparent.is_none() {
+        if !c.transparent_rules.is_empty() {
+            r.warn(
+                "transparent_rules",
+                "listeners.transparent is not set, so these rules are never used",
+            );
+        }
+        return;
+    }
+    if c.transparent_rules.is_empty() {
+        r.warn(
+            "transparent_rules",
+            "is empty: every redirected connection will be refused (add rules for the destinations the app calls)",
+        );
+    }
+    if c.protocol_detect_timeout.0.is_zero() || c.protocol_detect_timeout.0 > std::time::Duration::from_secs(10) {
+        r.err(
+            "protocol_detect_timeout",
+            format!("`{}` must be above 0 and at most 10s", c.protocol_detect_timeout),
+        );
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, rule) in c.transparent_rules.iter().enumerate() {
+        let path = format!("transparent_rules[{i}]");
+        if rule.name.is_empty() {
+            r.err(format!("{path}.name"), "is empty");
+        } else if let Some(first) = names.insert(&rule.name, i) {
+            r.err(
+                format!("{path}.name"),
+                format!("`{}` is also the name of transparent_rules[{first}]", rule.name),
+            );
+        }
+        if rule.destination.0.is_empty() {
+            r.err(
+                format!("{path}.destination"),
+                "is empty (use 0.0.0.0/0 to match everything)",
+            );
+        }
+        for d in &rule.destination.0 {
+            if let Err(e) = super::Cidr::parse(d) {
+                r.err(format!("{path}.destination"), e);
+            }
+        }
+        if rule.ports.contains(&0) {
+            r.err(format!("{path}.ports"), "0 is not a port");
+        }
+        match (&rule.tls, rule.passthrough) {
+            (Some(_), true) => r.err(
+                format!("{path}.passthrough"),
+                "passthrough relays plaintext; it cannot be combined with `tls:`",
+            ),
+            (None, false) if rule.protocol != super::Protocol::Http => r.err(
+                format!("{path}.tls"),
+                "is required: name the TLSContext for TCP relays, or set `passthrough: true` to relay plaintext on purpose",
+            ),
+            (Some(t), false) if !c.tls_contexts.contains_key(t) => {
+                r.err(format!("{path}.tls"), format!("`{t}` is not a TLSContext"))
+            }
+            _ => {}
+        }
+        if rule.passthrough {
+            r.warn(
+                format!("{path}.passthrough"),
+                "matching connections leave the pod in plaintext",
+            );
+        }
+        if let Some(sni) = &rule.sni
+            && sni.parse::<IpAddr>().is_err()
+            && !is_dns_name(sni)
+        {
+            r.err(
+                format!("{path}.sni"),
+                format!("`{sni}` is not a DNS name or IP address"),
+            );
+        }
+        if rule.protocol != super::Protocol::Tcp && c.mappings.is_empty() && !rule.passthrough {
+            r.warn(
+                format!("{path}.protocol"),
+                "HTTP detected on these destinations is routed by the HTTP mappings, and there are none",
+            );
+        }
+        timeouts(
+            &path,
+            &[
+                ("connect_timeout_ms", rule.connect_timeout_ms),
+                ("idle_timeout_ms", rule.idle_timeout_ms),
+            ],
+            r,
+        );
     }
 }

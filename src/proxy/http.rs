@@ -23,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use metrics::Counter;
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use self::body::{ReqBody, RespBody};
 use self::headers::{ERROR_HEADER, strip_hop_by_hop, strip_spoofable, wants_websocket};
@@ -48,6 +49,9 @@ const DENY_REASONS: &[&str] = &[
     "header_timeout",
     "overloaded",
 ];
+
+/// How long a connection opened during the drain may stay before it is asked to finish.
+const LATE_CONNECTION_GRACE: Duration = Duration::from_secs(1);
 
 /// The HTTP listener's shared state.
 pub struct HttpProxy {
@@ -177,6 +181,11 @@ impl HttpProxy {
 
     /// Serves one accepted connection (HTTP/1.1 or h2c) until it closes.
     pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let span = tracing::info_span!("conn", listener = "http", peer = %peer);
+        self.serve_connection_inner(stream, peer).instrument(span).await;
+    }
+
+    async fn serve_connection_inner(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let this = self.clone();
         let svc = service_fn(move |req| {
             let this = this.clone();
@@ -184,7 +193,21 @@ impl HttpProxy {
         });
         let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
         tokio::pin!(conn);
+        // Connections open when the drain starts are told to finish (HTTP/1.1: close when
+        // idle; HTTP/2: GOAWAY). Connections the app opens during the drain are served first:
+        // closing them before their request arrived would refuse exactly the late requests
+        // the drain exists for; they get `Connection: close` or a GOAWAY a moment later.
         let drain = self.shutdown.drain.clone();
+        let grace = if drain.is_cancelled() {
+            LATE_CONNECTION_GRACE
+        } else {
+            Duration::ZERO
+        };
+        let drain_started = async move {
+            drain.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::pin!(drain_started);
         let mut draining = false;
         loop {
             tokio::select! {
@@ -194,8 +217,7 @@ impl HttpProxy {
                     }
                     return;
                 }
-                _ = drain.cancelled(), if !draining => {
-                    // HTTP/1.1: close when idle; HTTP/2: GOAWAY. New connections are still served.
+                _ = &mut drain_started, if !draining => {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
@@ -445,7 +467,8 @@ impl HttpProxy {
                         continue;
                     }
                     let e = err.into_error();
-                    let kind = classify_hyper(&e);
+                    // A TLS alert read on this connection is the real cause (h2 hides it).
+                    let kind = meta.tls_failure.get().copied().unwrap_or_else(|| classify_hyper(&e));
                     if kind == "peer_rejected_client_cert" && !reused {
                         mapping.cm.late_handshake_failure(kind);
                     }

@@ -7,8 +7,10 @@
 //! force-closes any still busy after `rotation_drain_timeout`. No connection is reused past
 //! the notAfter of the client certificate it was opened with.
 
+mod watch;
+
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use hyper::client::conn::{http1, http2};
@@ -16,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
+use self::watch::Watched;
 use super::connect::{self, ConnectMetrics, HandshakeInfo, Target};
 use super::error::{UpstreamError, classify_hyper};
 use super::http::body::ReqBody;
@@ -49,6 +52,10 @@ pub struct ConnMeta {
     pub info: HandshakeInfo,
     /// Upstream certificate subject and serial (only parsed when access logs are on).
     pub peer: Option<(String, String)>,
+    /// The first TLS failure read on the connection (e.g. the upstream's alert rejecting our
+    /// client certificate, which TLS 1.3 delivers after the handshake). Kept here because h2
+    /// flattens I/O errors into strings (`h2::proto::Error::Io`), losing the rustls error.
+    pub tls_failure: Arc<OnceLock<&'static str>>,
 }
 
 /// A connection ready for one request.
@@ -220,11 +227,13 @@ impl Pool {
             .describe_peer
             .then(|| connected.stream.peer_subject_serial())
             .flatten();
+        let tls_failure = Arc::new(OnceLock::new());
         let meta = Arc::new(ConnMeta {
             info: connected.info,
             peer,
+            tls_failure: tls_failure.clone(),
         });
-        let io = TokioIo::new(connected.stream);
+        let io = TokioIo::new(Watched::new(connected.stream, tls_failure));
         let guard = connected.guard;
         let (kill, force) = {
             let mut map = self.lock();

@@ -1,13 +1,16 @@
 //! Material + options → rustls `ClientConfig`s, once per generation and never per connection.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::{
-    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Resumption, WebPkiServerVerifier,
+    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Resumption, Tls12ClientSessionValue,
+    Tls13ClientSessionValue, WebPkiServerVerifier,
 };
+use rustls::pki_types::ServerName;
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, SignatureScheme};
+use rustls::{ClientConfig, NamedGroup, SignatureScheme};
 
 use super::material::Material;
 use super::options;
@@ -42,6 +45,58 @@ impl ResolvesClientCert for FixedClientCert {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+/// The generation's session cache, which stops offering tickets once the client certificate
+/// has expired: a resumed TLS 1.3 session re-uses the identity of its first handshake, and the
+/// upstream does not check that certificate again, so resuming would stretch an expired
+/// identity past its notAfter.
+#[derive(Debug)]
+struct ExpiringSessions {
+    inner: ClientSessionMemoryCache,
+    not_after: Option<SystemTime>,
+}
+
+impl ExpiringSessions {
+    fn expired(&self) -> bool {
+        self.not_after.is_some_and(|t| SystemTime::now() >= t)
+    }
+}
+
+impl ClientSessionStore for ExpiringSessions {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: NamedGroup) {
+        self.inner.set_kx_hint(name, group);
+    }
+
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.inner.kx_hint(name)
+    }
+
+    fn set_tls12_session(&self, name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.inner.set_tls12_session(name, value);
+    }
+
+    fn tls12_session(&self, name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        if self.expired() {
+            return None;
+        }
+        self.inner.tls12_session(name)
+    }
+
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.inner.remove_tls12_session(name);
+    }
+
+    fn insert_tls13_ticket(&self, name: ServerName<'static>, value: Tls13ClientSessionValue) {
+        self.inner.insert_tls13_ticket(name, value);
+    }
+
+    fn take_tls13_ticket(&self, name: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+        if self.expired() {
+            return None;
+        }
+        self.inner.take_tls13_ticket(name)
     }
 }
 
@@ -91,7 +146,11 @@ pub fn build(ctx: &TlsContextConfig, material: &Material) -> Result<ClientConfig
         Some(ck) => builder.with_client_cert_resolver(Arc::new(FixedClientCert(ck.clone()))),
         None => builder.with_no_client_auth(),
     };
-    let store: Arc<dyn ClientSessionStore> = Arc::new(ClientSessionMemoryCache::new(SESSION_CACHE_SIZE));
+    let not_after = material.chain.first().map(|c| c.not_after_time());
+    let store: Arc<dyn ClientSessionStore> = Arc::new(ExpiringSessions {
+        inner: ClientSessionMemoryCache::new(SESSION_CACHE_SIZE),
+        not_after,
+    });
     base.resumption = Resumption::store(store);
     let configured: Option<Vec<Vec<u8>>> = ctx
         .alpn_protocols

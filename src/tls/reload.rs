@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::store::{ReloadOutcome, TlsStore};
+use crate::config::WatchMode;
 use crate::metrics::{self as m, Metrics};
 
 /// Quiet time after the last event before reloading: the kubelet's swap is a burst of events.
@@ -79,7 +80,7 @@ struct Watches {
 }
 
 impl Watches {
-    fn new(store: &TlsStore, tx: mpsc::UnboundedSender<Msg>) -> Self {
+    fn new(store: &TlsStore, tx: mpsc::UnboundedSender<Msg>, mode: WatchMode) -> Self {
         let mut dirs: HashMap<PathBuf, Vec<usize>> = HashMap::new();
         for (i, slot) in store.slots().enumerate() {
             for d in slot.source().watch_dirs() {
@@ -87,6 +88,14 @@ impl Watches {
             }
         }
         let map = dirs.clone();
+        if mode == WatchMode::Poll {
+            tracing::info!("reload_watch: poll; Secret directories are re-read every reload_poll_interval only");
+            return Watches {
+                watcher: None,
+                dirs,
+                watched: BTreeSet::new(),
+            };
+        }
         let watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
             let Ok(event) = res else { return };
             if !relevant(&event.kind) {
@@ -170,6 +179,7 @@ pub async fn start(
     store: Arc<TlsStore>,
     metrics: Arc<Metrics>,
     poll: Duration,
+    mode: WatchMode,
     stop: CancellationToken,
     on_change: Arc<dyn Fn() + Send + Sync>,
 ) -> Reloader {
@@ -178,20 +188,22 @@ pub async fn start(
     on_change();
     let (tx, rx) = mpsc::unbounded_channel();
     let reloader = Reloader { tx: tx.clone() };
-    tokio::spawn(run(store, metrics, poll, stop, rx, tx, on_change));
+    tokio::spawn(run(store, metrics, poll, mode, stop, rx, tx, on_change));
     reloader
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     store: Arc<TlsStore>,
     metrics: Arc<Metrics>,
     poll: Duration,
+    mode: WatchMode,
     stop: CancellationToken,
     mut rx: mpsc::UnboundedReceiver<Msg>,
     tx: mpsc::UnboundedSender<Msg>,
     on_change: Arc<dyn Fn() + Send + Sync>,
 ) {
-    let mut watches = Watches::new(&store, tx);
+    let mut watches = Watches::new(&store, tx, mode);
     watches.arm(&store, &metrics);
     let mut next_poll = tokio::time::Instant::now() + poll;
     let mut retry = FIRST_RETRY;

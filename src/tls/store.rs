@@ -82,6 +82,7 @@ struct SlotMetrics {
     ca_not_after: Gauge,
     ca_not_before: Gauge,
     last_success: Gauge,
+    present: Gauge,
 }
 
 /// One TLSContext's current generation and reload state.
@@ -115,6 +116,7 @@ impl ContextSlot {
             ca_not_after: metrics.gauge(m::CERT_NOT_AFTER, &role("ca")),
             ca_not_before: metrics.gauge(m::CERT_NOT_BEFORE, &role("ca")),
             last_success: metrics.gauge(m::CERT_LAST_RELOAD_SUCCESS, &l),
+            present: metrics.gauge(m::IDENTITY_PRESENT, &l),
         };
         gauges.generation.set(0.0);
         metrics
@@ -165,6 +167,8 @@ impl ContextSlot {
     /// generation. Blocking (file I/O): call from a blocking context.
     pub fn reload(&self) -> ReloadOutcome {
         let outcome = self.try_reload();
+        let vanished = matches!(&outcome, ReloadOutcome::Failed(MaterialError::NotFound { .. }));
+        self.gauges.present.set(if vanished { 0.0 } else { 1.0 });
         match &outcome {
             ReloadOutcome::Unchanged => {}
             ReloadOutcome::Published(g) => self.on_published(g),
