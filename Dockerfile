@@ -3,6 +3,7 @@
 #   docker build --build-arg RUST_IMAGE=local/rust --build-arg RUNTIME_IMAGE=local/runtime .
 ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+ARG INIT_IMAGE=docker.io/library/debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
@@ -11,7 +12,18 @@ COPY src ./src
 RUN cargo build --release --locked \
  && install -D -m 0755 target/release/mtls-sidecar /out/mtls-sidecar
 
-FROM ${RUNTIME_IMAGE}
+# Transparent mode's init container (`--target iptables`): the same binary next to the
+# iptables tools it drives; it runs once per pod start with NET_ADMIN and NET_RAW.
+FROM ${INIT_IMAGE} AS iptables
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables=1.8.* \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/mtls-sidecar /usr/local/bin/mtls-sidecar
+ENTRYPOINT ["/usr/local/bin/mtls-sidecar"]
+CMD ["iptables", "--apply"]
+
+# The sidecar itself (default target): no shell, no package manager, non-root.
+FROM ${RUNTIME_IMAGE} AS sidecar
 COPY --from=build /out/mtls-sidecar /usr/local/bin/mtls-sidecar
 # 65532 is distroless' "nonroot"; manifests set fsGroup so this uid can read the key.
 USER 65532:65532

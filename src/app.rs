@@ -18,6 +18,7 @@ use crate::metrics::{self as m, Metrics};
 use crate::proxy::accept::{Overload, accept_loop};
 use crate::proxy::http::HttpProxy;
 use crate::proxy::tcp::TcpMapping;
+use crate::proxy::transparent::Transparent;
 use crate::shutdown::Shutdown;
 use crate::tls::TlsStore;
 use crate::tls::reload::{self, Reloader};
@@ -81,6 +82,8 @@ pub struct Sidecar {
     pub drain_requested: Arc<Notify>,
     /// Bound address of the HTTP listener.
     pub http_addr: Option<SocketAddr>,
+    /// Bound address of the transparent listener.
+    pub transparent_addr: Option<SocketAddr>,
     /// Bound address of each TCP mapping, by name.
     pub tcp_addrs: BTreeMap<String, SocketAddr>,
     /// Credentials.
@@ -104,25 +107,75 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     })
 }
 
+/// Binds an optional listener.
+async fn bind_opt(what: &str, l: Option<crate::config::ListenAddr>) -> Result<Option<TcpListener>, StartError> {
+    match l {
+        Some(l) => bind(what, l.address).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Shared by every plaintext accept loop.
+struct Listening {
+    shutdown: Shutdown,
+    cap: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+impl Listening {
+    /// Spawns an accept loop calling `handle` for each connection; returns the bound address.
+    fn spawn<F, Fut>(
+        &self,
+        listener: TcpListener,
+        name: Arc<str>,
+        reply: &'static [u8],
+        handle: F,
+    ) -> Result<SocketAddr, StartError>
+    where
+        F: Fn(tokio::net::TcpStream, SocketAddr, Shutdown) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let addr = local_addr(&listener, &name)?;
+        let overload = Overload {
+            reply,
+            counter: self
+                .metrics
+                .counter(m::DENIED_TOTAL, &[("listener", &name), ("reason", "overloaded")]),
+        };
+        let sd = self.shutdown.clone();
+        tokio::spawn(accept_loop(
+            listener,
+            name,
+            self.shutdown.clone(),
+            self.cap.clone(),
+            overload,
+            move |stream, peer, permit| {
+                let fut = handle(stream, peer, sd.clone());
+                async move {
+                    fut.await;
+                    drop(permit);
+                }
+            },
+        ));
+        Ok(addr)
+    }
+}
+
 /// Starts everything; returns once every listener is bound and every context was tried once.
 pub async fn start(config: Config) -> Result<Sidecar, StartError> {
     let config = Arc::new(config);
     let metrics = Metrics::new();
     let store = Arc::new(TlsStore::new(&config, metrics.clone()));
     let shutdown = Shutdown::new();
-    let cap = Arc::new(Semaphore::new(config.limits.max_connections));
-
-    let http = match &config.listeners.http {
-        Some(l) => {
-            let proxy = HttpProxy::new(&config, &store, &metrics, shutdown.clone()).map_err(StartError::Mapping)?;
-            Some((proxy, bind("listeners.http", l.address).await?))
-        }
-        None => None,
+    let l = &config.listeners;
+    let http_proxy = match l.http.is_some() || l.transparent.is_some() {
+        true => Some(HttpProxy::new(&config, &store, &metrics, shutdown.clone()).map_err(StartError::Mapping)?),
+        false => None,
     };
-    let admin_listener = match &config.admin {
-        Some(a) => Some(bind("admin", a.address).await?),
-        None => None,
-    };
+    // Bind every socket before anything serves: a port clash fails start-up cleanly.
+    let http_listener = bind_opt("listeners.http", l.http).await?;
+    let transparent_listener = bind_opt("listeners.transparent", l.transparent).await?;
+    let admin_listener = bind_opt("admin", config.admin).await?;
     let mut tcp = Vec::new();
     for mc in &config.tcp_mappings {
         let mapping = TcpMapping::new(mc, &store, &metrics, &config.limits).map_err(StartError::Mapping)?;
@@ -148,88 +201,52 @@ pub async fn start(config: Config) -> Result<Sidecar, StartError> {
     )
     .await;
 
+    let listening = Listening {
+        shutdown: shutdown.clone(),
+        cap: Arc::new(Semaphore::new(config.limits.max_connections)),
+        metrics: metrics.clone(),
+    };
+    let mut own_ports = Vec::new();
     let mut http_addr = None;
-    let mut http_proxy = None;
-    if let Some((proxy, listener)) = http {
-        let addr = local_addr(&listener, "listeners.http")?;
-        http_addr = Some(addr);
-        let overload = Overload {
-            reply: OVERLOADED_503,
-            counter: metrics.counter(m::DENIED_TOTAL, &[("listener", "http"), ("reason", "overloaded")]),
-        };
+    if let (Some(listener), Some(proxy)) = (http_listener, &http_proxy) {
         let p = proxy.clone();
-        tokio::spawn(accept_loop(
-            listener,
-            "http".into(),
-            shutdown.clone(),
-            cap.clone(),
-            overload,
-            move |stream, peer, permit| {
-                let p = p.clone();
-                async move {
-                    p.serve_connection(stream, peer).await;
-                    drop(permit);
-                }
-            },
-        ));
+        let addr = listening.spawn(listener, "http".into(), OVERLOADED_503, move |s, peer, _| {
+            p.clone().serve_connection(s, peer)
+        })?;
         tracing::info!(addr = %addr, mappings = config.mappings.len(), "HTTP listener ready");
-        http_proxy = Some(proxy);
+        own_ports.push(addr.port());
+        http_addr = Some(addr);
     }
     let mut tcp_addrs = BTreeMap::new();
     for (mapping, listener) in tcp {
-        let addr = local_addr(&listener, &mapping.name)?;
-        tcp_addrs.insert(mapping.name.to_string(), addr);
-        let name = mapping.name.clone();
-        let overload = Overload {
-            reply: b"",
-            counter: metrics.counter(
-                m::DENIED_TOTAL,
-                &[("listener", &mapping.name), ("reason", "overloaded")],
-            ),
-        };
-        let sd = shutdown.clone();
-        tokio::spawn(accept_loop(
-            listener,
-            mapping.name.clone(),
-            shutdown.clone(),
-            cap.clone(),
-            overload,
-            move |stream, peer, permit| {
-                let (mapping, sd) = (mapping.clone(), sd.clone());
-                async move {
-                    mapping.handle(stream, peer, sd).await;
-                    drop(permit);
-                }
-            },
-        ));
+        let name = mapping.name().clone();
+        let addr = listening.spawn(listener, name.clone(), b"", move |s, peer, sd| {
+            mapping.clone().handle(s, peer, sd)
+        })?;
         tracing::info!(listener = %name, addr = %addr, "TCP mapping ready");
+        own_ports.push(addr.port());
+        tcp_addrs.insert(name.to_string(), addr);
+    }
+    let admin_addr = admin_listener.as_ref().map(|a| local_addr(a, "admin")).transpose()?;
+    own_ports.extend(admin_addr.map(|a| a.port()));
+    let mut transparent_addr = None;
+    if let Some(listener) = transparent_listener {
+        let mut t = Transparent::new(&config, &store, &metrics, http_proxy.clone(), &config.limits)
+            .map_err(StartError::Mapping)?;
+        let addr = local_addr(&listener, "listeners.transparent")?;
+        for p in own_ports.iter().copied().chain([addr.port()]) {
+            t.add_own_port(p);
+        }
+        let t = Arc::new(t);
+        listening.spawn(listener, "transparent".into(), b"", move |s, peer, sd| {
+            t.clone().handle(s, peer, sd)
+        })?;
+        tracing::info!(addr = %addr, rules = config.transparent_rules.len(), "transparent listener ready");
+        transparent_addr = Some(addr);
     }
 
-    let metrics_upkeep = metrics.clone();
-    let stop = stop_background.clone();
-    let sweeper = http_proxy.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut n = 0u64;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {
-                    n += 1;
-                    if let Some(p) = &sweeper {
-                        p.sweep();
-                    }
-                    if n % 5 == 0 {
-                        metrics_upkeep.upkeep();
-                    }
-                }
-            }
-        }
-    });
     let drain_requested = Arc::new(Notify::new());
-    let mut admin_addr = None;
     if let Some(listener) = admin_listener {
-        admin_addr = Some(local_addr(&listener, "admin")?);
         let admin = Arc::new(Admin {
             config: config.clone(),
             store: store.clone(),
@@ -242,12 +259,14 @@ pub async fn start(config: Config) -> Result<Sidecar, StartError> {
         tokio::spawn(admin.serve(listener));
         tracing::info!(addr = %admin_addr.map(|a| a.to_string()).unwrap_or_default(), "admin listener ready (/metrics /healthz /readyz /certs /config)");
     }
+    spawn_housekeeping(metrics.clone(), http_proxy, stop_background.clone());
     readiness.refresh();
     Ok(Sidecar {
         admin_addr,
         drain_requested,
         config,
         http_addr,
+        transparent_addr,
         tcp_addrs,
         store,
         metrics,
@@ -256,6 +275,29 @@ pub async fn start(config: Config) -> Result<Sidecar, StartError> {
         readiness,
         stop_background,
     })
+}
+
+/// Once a second: close pooled connections of superseded generations; every 5 s: drain the
+/// histogram buffers so memory stays flat between scrapes.
+fn spawn_housekeeping(metrics: Arc<Metrics>, http: Option<Arc<HttpProxy>>, stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut n = 0u64;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    n += 1;
+                    if let Some(p) = &http {
+                        p.sweep();
+                    }
+                    if n % 5 == 0 {
+                        metrics.upkeep();
+                    }
+                }
+            }
+        }
+    });
 }
 
 fn local_addr(listener: &TcpListener, what: &str) -> Result<SocketAddr, StartError> {

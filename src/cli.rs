@@ -87,6 +87,9 @@ struct InjectArgs {
     /// Also add the iptables init container redirecting outbound TCP to this transparent port.
     #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "15006")]
     transparent: Option<u16>,
+    /// Image of the iptables init container (the Dockerfile's `iptables` target).
+    #[arg(long, default_value = concat!("mtls-sidecar-init:", env!("CARGO_PKG_VERSION")))]
+    init_image: String,
 }
 
 /// `wait` options.
@@ -156,6 +159,7 @@ pub fn main() -> ExitCode {
                 http_port: a.http_port,
                 admin_port: a.admin_port,
                 transparent: a.transparent,
+                init_image: a.init_image,
             };
             crate::inject::main(a.file, &o)
         }

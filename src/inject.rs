@@ -32,8 +32,10 @@ pub struct Options {
     pub http_port: u16,
     /// Admin port (probes, scraping).
     pub admin_port: u16,
-    /// Also add the iptables init container for transparent mode.
+    /// Also add the iptables init container for transparent mode, redirecting to this port.
     pub transparent: Option<u16>,
+    /// Image of that init container (the Dockerfile's `iptables` target).
+    pub init_image: String,
 }
 
 impl Default for Options {
@@ -45,6 +47,7 @@ impl Default for Options {
             http_port: 15001,
             admin_port: 15090,
             transparent: None,
+            init_image: format!("mtls-sidecar-init:{}", env!("CARGO_PKG_VERSION")),
         }
     }
 }
@@ -153,7 +156,7 @@ fn sidecar_container(o: &Options) -> Value {
 fn iptables_container(o: &Options, port: u16) -> Value {
     map(vec![
         ("name", s("mtls-sidecar-iptables")),
-        ("image", s(&o.image)),
+        ("image", s(&o.init_image)),
         (
             "args",
             Value::Sequence(vec![

@@ -8,5 +8,6 @@ pub mod pool;
 pub mod relay;
 pub mod route;
 pub mod tcp;
+pub mod transparent;
 
 pub use error::UpstreamError;

@@ -176,31 +176,46 @@ fn inject_transparent_adds_the_iptables_init_container_first() {
 }
 
 #[test]
-fn the_example_deployment_is_the_injected_example_app() {
+fn the_example_deployments_are_the_injected_example_app() {
     let app = std::fs::read_to_string(root().join("manifests/source/app.yaml")).unwrap();
-    let generated = inject(&app, &options(&["mtls-client-certs"])).unwrap();
-    let shipped = std::fs::read_to_string(root().join("manifests/deployment.yaml")).unwrap();
-    let shipped = shipped.split_once('\n').unwrap().1;
-    assert_eq!(
-        shipped, generated,
-        "regenerate manifests/deployment.yaml with the command in its first line"
-    );
+    let transparent = Options {
+        config_map: "mtls-sidecar-transparent-config".into(),
+        transparent: Some(15006),
+        ..options(&["mtls-client-certs"])
+    };
+    for (file, o) in [
+        ("manifests/deployment.yaml", options(&["mtls-client-certs"])),
+        ("manifests/transparent/deployment.yaml", transparent),
+    ] {
+        let generated = inject(&app, &o).unwrap();
+        let shipped = std::fs::read_to_string(root().join(file)).unwrap();
+        let shipped = shipped.split_once('\n').unwrap().1;
+        assert_eq!(
+            shipped, generated,
+            "regenerate {file} with the command in its first line"
+        );
+    }
 }
 
 #[test]
-fn the_example_config_map_holds_a_valid_configuration() {
-    let cm: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(root().join("manifests/configmap.yaml")).unwrap()).unwrap();
-    let yaml = cm["data"]["config.yaml"].as_str().unwrap();
-    let config = mtls_sidecar::config::from_figment(&figment::Figment::from(
-        <figment::providers::Yaml as figment::providers::Format>::string(yaml),
-    ))
-    .unwrap();
-    mtls_sidecar::config::validate(&config).unwrap();
-    assert_eq!(
-        config.tls_contexts["upstream-context"].secret.as_deref(),
-        Some("mtls-client-certs")
-    );
+fn the_example_config_maps_hold_valid_configurations() {
+    for file in ["manifests/configmap.yaml", "manifests/transparent/configmap.yaml"] {
+        let cm: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(root().join(file)).unwrap()).unwrap();
+        let yaml = cm["data"]["config.yaml"].as_str().unwrap();
+        let config = mtls_sidecar::config::from_figment(&figment::Figment::from(
+            <figment::providers::Yaml as figment::providers::Format>::string(yaml),
+        ))
+        .unwrap();
+        if let Err(e) = mtls_sidecar::config::validate(&config) {
+            panic!("{file}: {e}");
+        }
+        assert!(
+            config
+                .tls_contexts
+                .values()
+                .all(|c| c.secret.as_deref() == Some("mtls-client-certs"))
+        );
+    }
 }
 
 #[test]
@@ -212,8 +227,9 @@ fn manifests_and_injected_output_pass_kubernetes_validate_strict() {
     let injected = dir.path().join("injected.yaml");
     let input = std::fs::read_to_string(root().join("tests/golden/inject/workloads.in.yaml")).unwrap();
     std::fs::write(&injected, inject(&input, &options(&["client-certs"])).unwrap()).unwrap();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("manifests"))
-        .unwrap()
+    let mut files: Vec<PathBuf> = ["manifests", "manifests/transparent"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(root().join(d)).unwrap())
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();

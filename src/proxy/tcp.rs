@@ -1,5 +1,5 @@
-//! TCP mappings (Emissary `TCPMapping`): a loopback port whose bytes are relayed to one
-//! upstream over mTLS.
+//! TCP relays: Emissary `TCPMapping`s (a loopback port whose bytes go to one upstream over
+//! mTLS) and the TCP side of transparent rules (to the connection's original destination).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,16 +12,16 @@ use tracing::Instrument;
 use super::connect::{self, ConnectMetrics, Target};
 use super::error::UpstreamError;
 use super::relay::{RelayEnd, relay};
-use crate::config::{DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, Limits, TcpMappingConfig};
+use crate::config::{DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, Limits, Millis, TcpMappingConfig};
 use crate::metrics::{self as m, Metrics};
 use crate::shutdown::Shutdown;
 use crate::tls::{ContextSlot, TlsStore};
 
-/// One TCP mapping, resolved at start.
-pub struct TcpMapping {
+/// How to relay opaque bytes: the credentials, timeouts and metric handles of one TCP
+/// mapping or transparent rule, whatever the destination.
+pub struct Relayer {
     /// Name: the `listener` label.
     pub name: Arc<str>,
-    target: Target,
     context: Option<Arc<ContextSlot>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -33,6 +33,13 @@ pub struct TcpMapping {
     ok: Counter,
 }
 
+/// One TCP mapping, resolved at start.
+pub struct TcpMapping {
+    /// How its bytes are relayed.
+    pub relay: Relayer,
+    target: Target,
+}
+
 impl TcpMapping {
     /// Builds the runtime view of a validated mapping.
     pub fn new(
@@ -41,28 +48,55 @@ impl TcpMapping {
         metrics: &Arc<Metrics>,
         limits: &Limits,
     ) -> Result<Self, String> {
-        let context = cfg.tls.as_ref().map(|t| {
-            store
-                .get(t)
-                .cloned()
-                .ok_or_else(|| format!("tcp mapping `{}`: unknown TLS context `{t}`", cfg.name))
-        });
-        let context = context.transpose()?;
-        let target = Target::for_service(&cfg.service, context.as_ref().map(|c| c.config()))
+        let relay = Relayer::new(
+            &cfg.name,
+            cfg.tls.as_deref(),
+            [cfg.connect_timeout_ms, cfg.idle_timeout_ms],
+            store,
+            metrics,
+            limits,
+        )?;
+        let target = Target::for_service(&cfg.service, relay.context.as_ref().map(|c| c.config()))
             .map_err(|e| format!("tcp mapping `{}`: {e}", cfg.name))?;
-        let label = cfg.tls.as_deref().unwrap_or("none");
-        let name: &str = &cfg.name;
+        Ok(TcpMapping { relay, target })
+    }
+
+    /// The mapping's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.relay.name
+    }
+
+    /// Serves one accepted connection to the end.
+    pub async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
+        self.relay.handle(client, peer, &self.target, shutdown).await;
+    }
+}
+
+impl Relayer {
+    /// Resolves the context and creates the metric handles of listener `name`.
+    pub fn new(
+        name: &str,
+        tls: Option<&str>,
+        [connect_ms, idle_ms]: [Option<Millis>; 2],
+        store: &TlsStore,
+        metrics: &Arc<Metrics>,
+        limits: &Limits,
+    ) -> Result<Self, String> {
+        let context = tls
+            .map(|t| {
+                store
+                    .get(t)
+                    .cloned()
+                    .ok_or_else(|| format!("`{name}`: unknown TLS context `{t}`"))
+            })
+            .transpose()?;
+        let label = tls.unwrap_or("none");
         let bytes = |d: &str| metrics.counter(m::BYTES_TOTAL, &[("listener", name), ("direction", d)]);
-        Ok(TcpMapping {
-            name: cfg.name.as_str().into(),
-            target,
+        Ok(Relayer {
+            name: name.into(),
             context,
-            connect_timeout: cfg
-                .connect_timeout_ms
-                .map_or(Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS), |d| d.0),
-            idle_timeout: cfg
-                .idle_timeout_ms
-                .map_or(Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS), |d| d.0),
+            connect_timeout: connect_ms.map_or(Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS), |d| d.0),
+            idle_timeout: idle_ms.map_or(Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS), |d| d.0),
             buf_size: limits.buffer_bytes,
             cm: ConnectMetrics::new(metrics, label),
             metrics: metrics.clone(),
@@ -85,13 +119,18 @@ impl TcpMapping {
         }
     }
 
-    /// Serves one accepted connection to the end.
-    pub async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
-        let span = tracing::info_span!("conn", listener = %self.name, peer = %peer, tls.context = tracing::field::Empty, generation = tracing::field::Empty);
-        self.serve(client, shutdown).instrument(span).await;
+    /// The context, if TLS is originated.
+    pub fn context(&self) -> Option<&Arc<ContextSlot>> {
+        self.context.as_ref()
     }
 
-    async fn serve(&self, mut client: TcpStream, shutdown: Shutdown) {
+    /// Relays one accepted connection to `target` until either side is done.
+    pub async fn handle(&self, client: TcpStream, peer: SocketAddr, target: &Target, shutdown: Shutdown) {
+        let span = tracing::info_span!("conn", listener = %self.name, peer = %peer, tls.context = tracing::field::Empty, generation = tracing::field::Empty);
+        self.serve(client, target, shutdown).instrument(span).await;
+    }
+
+    async fn serve(&self, mut client: TcpStream, target: &Target, shutdown: Shutdown) {
         let started = Instant::now();
         let generation = match &self.context {
             None => None,
@@ -106,19 +145,19 @@ impl TcpMapping {
                         let e = UpstreamError::NoClientIdentity {
                             context: slot.name.to_string(),
                         };
-                        return self.fail(&e, started);
+                        return self.fail(&e, target, started);
                     }
                 }
             }
         };
         let tls = generation.as_ref().map(|g| &g.configs.tcp);
         let connected = tokio::select! {
-            r = connect::connect(&self.target, tls, self.connect_timeout, &self.cm) => r,
+            r = connect::connect(target, tls, self.connect_timeout, &self.cm) => r,
             _ = shutdown.force_close.cancelled() => return self.count("shutdown"),
         };
         let mut up = match connected {
             Ok(c) => c,
-            Err(e) => return self.fail(&e, started),
+            Err(e) => return self.fail(&e, target, started),
         };
         let peer_cert = tracing::enabled!(target: "access", tracing::Level::INFO)
             .then(|| up.stream.peer_subject_serial())
@@ -148,7 +187,7 @@ impl TcpMapping {
         };
         self.count(result);
         if let RelayEnd::Upstream(e) | RelayEnd::Client(e) = &end {
-            tracing::warn!(reason = result, upstream = %self.target.authority(), "relay ended with an error: {e}");
+            tracing::warn!(reason = result, upstream = %target.authority(), "relay ended with an error: {e}");
         }
         let (subject, serial) = peer_cert.unwrap_or_default();
         tracing::info!(
@@ -156,7 +195,7 @@ impl TcpMapping {
             listener = %self.name,
             mapping = %self.name,
             tls_context = self.context.as_ref().map(|c| &*c.name).unwrap_or("none"),
-            upstream = %self.target.authority(),
+            upstream = %target.authority(),
             result,
             duration_ms = started.elapsed().as_millis() as u64,
             bytes_to_upstream = stats.to_upstream,
@@ -170,16 +209,16 @@ impl TcpMapping {
         );
     }
 
-    fn fail(&self, e: &UpstreamError, started: Instant) {
+    fn fail(&self, e: &UpstreamError, target: &Target, started: Instant) {
         let kind = e.kind();
         self.count(kind);
-        tracing::warn!(reason = kind, upstream = %self.target.authority(), "closing the app's connection: {e}");
+        tracing::warn!(reason = kind, upstream = %target.authority(), "closing the app's connection: {e}");
         tracing::info!(
             target: "access",
             listener = %self.name,
             mapping = %self.name,
             tls_context = self.context.as_ref().map(|c| &*c.name).unwrap_or("none"),
-            upstream = %self.target.authority(),
+            upstream = %target.authority(),
             result = kind,
             duration_ms = started.elapsed().as_millis() as u64,
             bytes_to_upstream = 0u64,

@@ -43,10 +43,19 @@ pub async fn start_plain() -> Upstream {
     start(None).await
 }
 
+/// Serves HTTPS on an already bound listener (e.g. one inside a network namespace).
+pub fn serve_https_on(listener: TcpListener, config: Arc<ServerConfig>) -> Upstream {
+    serve_on(listener, Some(TlsAcceptor::from(config)))
+}
+
 async fn start(tls: Option<TlsAcceptor>) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("binding the upstream: {e}"));
+    serve_on(listener, tls)
+}
+
+fn serve_on(listener: TcpListener, tls: Option<TlsAcceptor>) -> Upstream {
     let addr = listener
         .local_addr()
         .unwrap_or_else(|e| panic!("upstream address: {e}"));

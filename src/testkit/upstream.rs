@@ -137,6 +137,11 @@ pub async fn start_tcp(config: Arc<ServerConfig>, behavior: Behavior) -> Upstrea
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("binding the upstream: {e}"));
+    serve_tcp_on(listener, config, behavior)
+}
+
+/// Serves a TCP upstream on an already bound listener (e.g. one inside a network namespace).
+pub fn serve_tcp_on(listener: TcpListener, config: Arc<ServerConfig>, behavior: Behavior) -> Upstream {
     let addr = listener
         .local_addr()
         .unwrap_or_else(|e| panic!("upstream address: {e}"));
