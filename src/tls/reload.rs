@@ -183,28 +183,28 @@ pub async fn start(
     stop: CancellationToken,
     on_change: Arc<dyn Fn() + Send + Sync>,
 ) -> Reloader {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reloader = Reloader { tx: tx.clone() };
+    // Watch first, then load: a rotation that lands between the two is then an event
+    // waiting in the channel, not a change nobody sees until the next poll.
+    let mut watches = Watches::new(&store, tx, mode);
+    watches.arm(&store, &metrics);
     let s = store.clone();
     let _ = tokio::task::spawn_blocking(move || s.reload_all()).await;
     on_change();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let reloader = Reloader { tx: tx.clone() };
-    tokio::spawn(run(store, metrics, poll, mode, stop, rx, tx, on_change));
+    tokio::spawn(run(store, metrics, poll, watches, stop, rx, on_change));
     reloader
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run(
     store: Arc<TlsStore>,
     metrics: Arc<Metrics>,
     poll: Duration,
-    mode: WatchMode,
+    mut watches: Watches,
     stop: CancellationToken,
     mut rx: mpsc::UnboundedReceiver<Msg>,
-    tx: mpsc::UnboundedSender<Msg>,
     on_change: Arc<dyn Fn() + Send + Sync>,
 ) {
-    let mut watches = Watches::new(&store, tx, mode);
-    watches.arm(&store, &metrics);
     let mut next_poll = tokio::time::Instant::now() + poll;
     let mut retry = FIRST_RETRY;
     let mut next_retry = tokio::time::Instant::now() + retry;
