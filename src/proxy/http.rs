@@ -5,6 +5,7 @@
 //! A request no mapping names is refused before any DNS lookup or connect.
 
 pub mod body;
+pub mod guard;
 mod headers;
 pub mod log;
 pub mod mapping;
@@ -26,6 +27,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use self::body::{ReqBody, RespBody};
+use self::guard::{HeadGuard, HeadState};
 use self::headers::{ERROR_HEADER, strip_hop_by_hop, strip_spoofable, wants_websocket};
 use self::log::RequestLog;
 use self::mapping::HttpMapping;
@@ -187,11 +189,13 @@ impl HttpProxy {
 
     async fn serve_connection_inner(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let this = self.clone();
+        let (guarded, head) = HeadGuard::new(stream);
+        let head_state = head.clone();
         let svc = service_fn(move |req| {
-            let this = this.clone();
-            async move { Ok::<_, Infallible>(this.handle(req).await) }
+            let (this, head) = (this.clone(), head.clone());
+            async move { Ok::<_, Infallible>(this.handle(req, head).await) }
         });
-        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(guarded), svc);
         tokio::pin!(conn);
         // Connections open when the drain starts are told to finish (HTTP/1.1: close when
         // idle; HTTP/2: GOAWAY). Connections the app opens during the drain are served first:
@@ -212,7 +216,12 @@ impl HttpProxy {
         loop {
             tokio::select! {
                 r = conn.as_mut() => {
-                    if let Err(e) = r {
+                    if let Some(v) = head_state.violation() {
+                        if let Some(c) = self.denied("malformed_request") {
+                            c.increment(1);
+                        }
+                        tracing::info!(peer = %peer, reason = "malformed_request", "refused a smuggling-shaped request head ({v:?}) with 400 and closed the connection");
+                    } else if let Err(e) = r {
                         self.connection_error(&*e, peer);
                     }
                     return;
@@ -247,9 +256,12 @@ impl HttpProxy {
         tracing::info!(peer = %peer, reason, "closed an app connection: {h}");
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, head: Arc<HeadState>) -> Response<RespBody> {
         let version = req.version();
-        let mut resp = self.route_and_forward(req).await;
+        if http_body::Body::is_end_stream(req.body()) {
+            head.request_done();
+        }
+        let mut resp = self.route_and_forward(req, head).await;
         if self.shutdown.is_draining() && version == Version::HTTP_11 {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -257,7 +269,7 @@ impl HttpProxy {
         resp
     }
 
-    async fn route_and_forward(&self, mut req: Request<Incoming>) -> Response<RespBody> {
+    async fn route_and_forward(&self, mut req: Request<Incoming>, head: Arc<HeadState>) -> Response<RespBody> {
         let started = Instant::now();
         if req.method() == Method::CONNECT {
             return self.deny(
@@ -275,6 +287,14 @@ impl HttpProxy {
                 StatusCode::BAD_REQUEST,
                 "malformed_request",
                 "a request with both Content-Length and Transfer-Encoding is ambiguous (request smuggling); send one of them",
+            );
+        }
+        if h.get_all(header::HOST).iter().nth(1).is_some() {
+            // RFC 9112 §3.2: more than one Host is a 400; routing on either would be a guess.
+            return self.deny(
+                StatusCode::BAD_REQUEST,
+                "malformed_request",
+                "the request has more than one Host header",
             );
         }
         let host_header = h.get(header::HOST).and_then(|v| v.to_str().ok());
@@ -380,7 +400,7 @@ impl HttpProxy {
         let mut connect_retries = mapping.retries_on_connect;
         let mut reset_retries = mapping.retries_on_reset;
         let mut unsent_retries = 2u32;
-        let mut pending = Some((parts, ReqBody::new(incoming, counter)));
+        let mut pending = Some((parts, ReqBody::new(incoming, counter).notify_end(head)));
         loop {
             let Checkout { sender, meta, reused } = match self.pool.checkout(key, &spec).await {
                 Ok(c) => c,

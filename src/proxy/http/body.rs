@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::guard::HeadState;
 use super::log::RequestLog;
 
 /// The app's request body on its way upstream.
@@ -18,6 +19,7 @@ use super::log::RequestLog;
 pub struct ReqBody {
     inner: Option<Incoming>,
     bytes: Option<Arc<AtomicU64>>,
+    on_end: Option<Arc<HeadState>>,
 }
 
 impl ReqBody {
@@ -26,6 +28,7 @@ impl ReqBody {
         ReqBody {
             inner: None,
             bytes: None,
+            on_end: None,
         }
     }
 
@@ -34,7 +37,14 @@ impl ReqBody {
         ReqBody {
             inner: Some(inner),
             bytes: Some(bytes),
+            on_end: None,
         }
+    }
+
+    /// Tells `head` when the body has been read to its end (the next bytes are a new head).
+    pub fn notify_end(mut self, head: Arc<HeadState>) -> Self {
+        self.on_end = Some(head);
+        self
     }
 }
 
@@ -48,6 +58,9 @@ impl Body for ReqBody {
             return Poll::Ready(None);
         };
         let r = Pin::new(inner).poll_frame(cx);
+        if let (Poll::Ready(None), Some(h)) = (&r, this.on_end.take()) {
+            h.request_done();
+        }
         if let (Poll::Ready(Some(Ok(f))), Some(b)) = (&r, &this.bytes)
             && let Some(d) = f.data_ref()
         {
