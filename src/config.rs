@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cidr::Cidr;
 pub use duration::{Dur, Millis, format_duration, parse_duration};
-pub use emissary::emissary_import;
+pub use emissary::{emissary_import, import_str};
 pub use listen::ListenAddr;
 pub use load::{ConfigError, ConfigSource, Problem, finish, from_figment, load};
 pub use service::{Scheme, ServiceTarget, is_dns_name, split_host_port};

@@ -63,14 +63,24 @@ pub fn emissary_import(config: &mut Config, file: &Path, problems: &mut Vec<Prob
             return;
         }
     };
-    let origin = file.display().to_string();
+    import_str(config, &text, &file.display().to_string(), problems, warnings);
+}
+
+/// Adds the objects of Kubernetes YAML `text` (named `origin` in messages) to `config`.
+pub fn import_str(
+    config: &mut Config,
+    text: &str,
+    origin: &str,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Warning>,
+) {
     let mut ctx = Import {
         config,
         problems,
         warnings,
-        origin: &origin,
+        origin,
     };
-    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         match <Value as serde::Deserialize>::deserialize(doc) {
             Ok(Value::Null) => {}
             Ok(Value::Mapping(m)) => ctx.object(i, m),

@@ -445,6 +445,14 @@ fn service_ref(
         ),
         _ => {}
     }
+    if target.ip().is_some_and(crate::proxy::connect::is_link_local) {
+        r.err(
+            format!("{path}.service"),
+            format!(
+                "`{service}` is a link-local address (169.254.0.0/16, fe80::/10: cloud metadata endpoints); refused"
+            ),
+        );
+    }
     if !http && target.port.is_none() && !tls_on {
         r.err(format!("{path}.service"), format!("`{service}` needs a port"));
     }

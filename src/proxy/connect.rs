@@ -30,6 +30,8 @@ pub struct Target {
     pub port: u16,
     /// Name sent as SNI and verified (from `sni:` or the host), when TLS is used.
     pub server_name: Option<ServerName<'static>>,
+    /// The last successful lookup, shared by clones.
+    pub dns: Arc<std::sync::Mutex<Option<CachedLookup>>>,
 }
 
 impl Target {
@@ -47,11 +49,35 @@ impl Target {
             }
             None => None,
         };
-        Ok(Target {
-            port: t.port_or_default(tls_on),
-            host: t.host.into(),
+        let port = t.port_or_default(tls_on);
+        Ok(Target::new(t.host.into(), port, server_name))
+    }
+
+    /// A target by parts.
+    pub fn new(host: Arc<str>, port: u16, server_name: Option<ServerName<'static>>) -> Self {
+        Target {
+            host,
+            port,
             server_name,
-        })
+            dns: Arc::default(),
+        }
+    }
+
+    fn cached(&self) -> Option<Vec<SocketAddr>> {
+        let guard = self.dns.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < DNS_CACHE_TTL)
+            .map(|(_, a)| a.clone())
+    }
+
+    fn remember(&self, addrs: &[SocketAddr]) {
+        *self.dns.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), addrs.to_vec()));
+    }
+
+    /// Drops the cached lookup (after every address failed).
+    fn forget(&self) {
+        *self.dns.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// `host:port` for logs.
@@ -240,31 +266,61 @@ pub struct Connected {
     pub guard: ActiveGuard,
 }
 
+/// When a lookup happened, and its addresses.
+pub type CachedLookup = (Instant, Vec<SocketAddr>);
+
+/// How long a successful lookup is reused. getaddrinfo does not tell the record's TTL; a
+/// few seconds spares the resolver a lookup per connection (pods' `ndots:5` makes each one
+/// up to six queries) while following DNS changes quickly.
+const DNS_CACHE_TTL: Duration = Duration::from_secs(5);
+
+/// Link-local addresses (169.254.0.0/16 and fe80::/10): cloud metadata endpoints live there.
+/// A name that resolves into them is refused; a mapping that names one literally is refused
+/// by config validation.
+pub fn is_link_local(ip: std::net::IpAddr) -> bool {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
 async fn resolve(target: &Target, deadline: Instant) -> Result<Vec<SocketAddr>, UpstreamError> {
     if let Ok(ip) = target.host.parse::<std::net::IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, target.port)]);
     }
-    let lookup = tokio::net::lookup_host((&*target.host, target.port));
-    match tokio::time::timeout_at(deadline.into(), lookup).await {
-        Err(_) => Err(UpstreamError::DnsTimeout {
-            host: target.host.to_string(),
-        }),
-        Ok(Err(e)) => Err(UpstreamError::Dns {
-            host: target.host.to_string(),
-            message: e.to_string(),
-        }),
-        Ok(Ok(addrs)) => {
-            let addrs: Vec<_> = addrs.collect();
-            if addrs.is_empty() {
-                Err(UpstreamError::Dns {
-                    host: target.host.to_string(),
-                    message: "no addresses".to_owned(),
-                })
-            } else {
-                Ok(addrs)
-            }
-        }
+    if let Some(addrs) = target.cached() {
+        return Ok(addrs);
     }
+    let lookup = tokio::net::lookup_host((&*target.host, target.port));
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout_at(deadline.into(), lookup).await {
+        Err(_) => {
+            return Err(UpstreamError::DnsTimeout {
+                host: target.host.to_string(),
+            });
+        }
+        Ok(Err(e)) => {
+            return Err(UpstreamError::Dns {
+                host: target.host.to_string(),
+                message: e.to_string(),
+            });
+        }
+        Ok(Ok(addrs)) => addrs.collect(),
+    };
+    let allowed: Vec<SocketAddr> = addrs.iter().copied().filter(|a| !is_link_local(a.ip())).collect();
+    if allowed.is_empty() && !addrs.is_empty() {
+        return Err(UpstreamError::DestinationDenied {
+            host: target.host.to_string(),
+            addr: addrs[0].ip().to_string(),
+        });
+    }
+    if allowed.is_empty() {
+        return Err(UpstreamError::Dns {
+            host: target.host.to_string(),
+            message: "no addresses".to_owned(),
+        });
+    }
+    target.remember(&allowed);
+    Ok(allowed)
 }
 
 /// Resolves and connects, trying each address in turn until the deadline.
@@ -291,6 +347,7 @@ pub async fn tcp_connect(target: &Target, deadline: Instant) -> Result<TcpStream
             }
         }
     }
+    target.forget();
     Err(last.unwrap_or_else(|| UpstreamError::Dns {
         host: target.host.to_string(),
         message: "no addresses".to_owned(),

@@ -28,6 +28,14 @@ pub enum UpstreamError {
         /// The name.
         host: String,
     },
+    /// The name resolved only to link-local (metadata) addresses.
+    #[error("{host} resolves to {addr}, a link-local (cloud metadata) address; refused")]
+    DestinationDenied {
+        /// The name.
+        host: String,
+        /// What it resolved to.
+        addr: String,
+    },
     /// Connection refused (nothing listening).
     #[error("connection to {addr} refused: is the upstream listening on that port?")]
     ConnectRefused {
@@ -115,6 +123,7 @@ impl UpstreamError {
             Self::NoClientIdentity { .. } => "no_client_identity",
             Self::Dns { .. } => "dns_error",
             Self::DnsTimeout { .. } => "dns_timeout",
+            Self::DestinationDenied { .. } => "destination_denied",
             Self::ConnectRefused { .. } => "connect_refused",
             Self::ConnectTimeout { .. } => "connect_timeout",
             Self::Connect { .. } => "connect_error",

@@ -163,7 +163,14 @@ impl HttpProxy {
             c.increment(1);
         }
         tracing::info!(reason, "refused a request: {message}");
-        error_response(status, reason, message)
+        let mut r = error_response(status, reason, message);
+        if status == StatusCode::BAD_REQUEST {
+            // A client that sends malformed requests may be out of step with us: never read
+            // another request from this connection (hyper closes it after the response).
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
     }
 
     /// Closes pooled connections of superseded generations and idle ones; call periodically.

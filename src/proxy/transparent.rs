@@ -211,14 +211,11 @@ impl Transparent {
             (Detected::Http, Some(http)) => http.clone().serve_connection(stream, peer).await,
             (Detected::Http, None) => self.deny("no_route", peer, "HTTP was detected but no HTTP mappings exist"),
             (Detected::Opaque, _) => {
-                let target = Target {
-                    host: dst.ip().to_string().into(),
-                    port: dst.port(),
-                    server_name: rule
-                        .relay
-                        .context()
-                        .map(|_| rule.sni.clone().unwrap_or(ServerName::IpAddress(dst.ip().into()))),
-                };
+                let server_name = rule
+                    .relay
+                    .context()
+                    .map(|_| rule.sni.clone().unwrap_or(ServerName::IpAddress(dst.ip().into())));
+                let target = Target::new(dst.ip().to_string().into(), dst.port(), server_name);
                 rule.relay.handle(stream, peer, &target, shutdown).await;
             }
         }

@@ -76,6 +76,9 @@ pub struct HeadGuard<IO> {
     in_name: bool,
     saw_cl: bool,
     saw_te: bool,
+    /// A request line has started: empty lines before it are skipped by the parser (RFC
+    /// 9112 §2.2), so they must not end the scan either.
+    seen_content: bool,
 }
 
 impl<IO> HeadGuard<IO> {
@@ -93,6 +96,7 @@ impl<IO> HeadGuard<IO> {
             in_name: true,
             saw_cl: false,
             saw_te: false,
+            seen_content: false,
         };
         (g, state)
     }
@@ -105,6 +109,7 @@ impl<IO> HeadGuard<IO> {
         self.in_name = true;
         self.saw_cl = false;
         self.saw_te = false;
+        self.seen_content = false;
     }
 
     /// Scans `bytes` of a head; returns the violation, if any.
@@ -118,7 +123,7 @@ impl<IO> HeadGuard<IO> {
                 if self.prev != b'\r' {
                     return Some(Violation::BareLf);
                 }
-                if self.line_start {
+                if self.line_start && self.seen_content {
                     // CRLF on an empty line: end of the head.
                     if self.saw_cl && self.saw_te {
                         return Some(Violation::ClAndTe);
@@ -128,7 +133,11 @@ impl<IO> HeadGuard<IO> {
                 self.line_start = true;
                 self.name_len = 0;
                 self.in_name = true;
-            } else if b != b'\r' {
+            } else if b == b'\r' {
+                // A CR ends a field name (a CR inside one is malformed anyway).
+                self.in_name = false;
+            } else {
+                self.seen_content = true;
                 if self.in_name {
                     if b == b':' {
                         let name = &self.name[..self.name_len];
@@ -213,6 +222,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadGuard<IO> {
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
     }
+}
+
+/// Scans one complete request head as the guard would (for fuzzing and tests).
+pub fn check_head(head: &[u8]) -> Option<Violation> {
+    let (mut g, _) = HeadGuard::new(());
+    g.start_head();
+    g.scan(head)
 }
 
 #[cfg(test)]

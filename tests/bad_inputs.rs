@@ -1,0 +1,538 @@
+//! The rows of shared/BAD_INPUTS.md that no other test file covers, one named test per row:
+//! malformed and smuggling-shaped requests, oversized and slow headers, the connection cap,
+//! metadata destinations, upstream black holes and not-yet-valid certificates, DSA keys,
+//! subPath mounts and the inotify fallback. Each asserts the status or close, the reason, the
+//! metric, and that no upstream connection was opened where none was asked for.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use mtls_sidecar::app::{self, Sidecar};
+use mtls_sidecar::testkit::http_upstream;
+use mtls_sidecar::testkit::pki::{LeafSpec, TestCa};
+use mtls_sidecar::testkit::secret_dir::SecretDir;
+use mtls_sidecar::testkit::upstream::{Upstream, server_config};
+use support::{STEP, assert_eventually, config, metric};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const NAME: &str = "up.svc";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    up: Upstream,
+    sidecar: Sidecar,
+}
+
+async fn fixture(limits: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("bad inputs CA");
+    let client = ca.client("app");
+    SecretDir::create(dir.path().join("certs"))
+        .unwrap()
+        .publish(&[
+            ("tls.crt", client.cert_pem.as_bytes()),
+            ("tls.key", client.key_pem.as_bytes()),
+            ("ca.crt", ca.cert_pem.as_bytes()),
+        ])
+        .unwrap();
+    let up = http_upstream::start_https(server_config(&ca.server(NAME), &[], &[&ca])).await;
+    let yaml = format!(
+        "listeners: {{ http: 127.0.0.1:0 }}\nadmin: null\nsecrets_dir: {}\nlimits: {{ {limits} }}\ntls_contexts:\n  ctx: {{ secret: certs, sni: {NAME} }}\nmappings:\n  - {{ name: m, host: {NAME}, prefix: /, service: \"{}\", tls: ctx }}\n",
+        dir.path().display(),
+        up.addr
+    );
+    let sidecar = app::start(config(&yaml)).await.unwrap();
+    Fixture { _dir: dir, up, sidecar }
+}
+
+impl Fixture {
+    fn http(&self) -> SocketAddr {
+        self.sidecar.http_addr.unwrap()
+    }
+
+    fn denied(&self, reason: &str) -> f64 {
+        metric(
+            &self.sidecar.metrics.render(),
+            "mtls_sidecar_denied_total",
+            &[("listener", "http"), ("reason", reason)],
+        )
+    }
+
+    fn accepts(&self) -> usize {
+        self.up.observed.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Sends raw bytes and returns what came back until the sidecar closed (bounded).
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(STEP, s.read_to_end(&mut out))
+        .await
+        .expect("the sidecar closed the connection");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status(response: &str) -> &str {
+    response.split("\r\n").next().unwrap_or_default()
+}
+
+async fn refused_400(cases: &[(&str, &[u8])], reason_header: bool) {
+    let f = fixture("").await;
+    for (name, bytes) in cases {
+        let r = raw(f.http(), bytes).await;
+        assert!(status(&r).starts_with("HTTP/1.1 400"), "{name}: {r:?}");
+        if reason_header {
+            assert!(r.contains("x-mtls-sidecar-error: malformed_request"), "{name}: {r}");
+        }
+    }
+    assert_eq!(f.accepts(), 0, "no malformed request opened an upstream connection");
+    assert_eq!(f.denied("malformed_request"), cases.len() as f64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a1_malformed_requests_get_400_and_no_upstream_connect() {
+    refused_400(
+        &[
+            ("bare LF", b"GET / HTTP/1.1\nHost: up.svc\n\n"),
+            ("NUL in a value", b"GET / HTTP/1.1\r\nHost: up.svc\r\nX: a\x00b\r\n\r\n"),
+            ("obs-fold", b"GET / HTTP/1.1\r\nHost: up.svc\r\nX: a\r\n b\r\n\r\n"),
+            (
+                "bad token in a name",
+                b"GET / HTTP/1.1\r\nHost: up.svc\r\nX(y): z\r\n\r\n",
+            ),
+            ("invalid method", b"G@T / HTTP/1.1\r\nHost: up.svc\r\n\r\n"),
+            (
+                "two Host headers",
+                b"GET / HTTP/1.1\r\nHost: up.svc\r\nHost: evil.svc\r\n\r\n",
+            ),
+        ],
+        false,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a2_smuggling_shapes_are_refused_never_forwarded() {
+    refused_400(
+        &[
+            (
+                "CL then TE",
+                b"POST / HTTP/1.1\r\nHost: up.svc\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "TE then CL",
+                b"POST / HTTP/1.1\r\nHost: up.svc\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "duplicate CL",
+                b"POST / HTTP/1.1\r\nHost: up.svc\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            ),
+            (
+                "TE chunked, gzip",
+                b"POST / HTTP/1.1\r\nHost: up.svc\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "space before colon",
+                b"POST / HTTP/1.1\r\nHost: up.svc\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+            ),
+        ],
+        false,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a3_oversized_headers_get_431() {
+    let f = fixture("max_header_bytes: 8192, max_headers: 20").await;
+    let big = format!("GET / HTTP/1.1\r\nHost: {NAME}\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+    assert!(status(&raw(f.http(), big.as_bytes()).await).starts_with("HTTP/1.1 431"));
+    let mut many = format!("GET / HTTP/1.1\r\nHost: {NAME}\r\n");
+    for i in 0..30 {
+        many.push_str(&format!("X-{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    assert!(status(&raw(f.http(), many.as_bytes()).await).starts_with("HTTP/1.1 431"));
+    assert_eq!(f.accepts(), 0);
+    assert_eq!(f.denied("header_too_large"), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a5_slow_headers_and_idle_keep_alive_are_closed_at_the_deadline() {
+    let f = fixture("header_read_timeout: 1s").await;
+    let mut s = TcpStream::connect(f.http()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: up").await.unwrap();
+    let t = Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut out)).await.unwrap().ok();
+    assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eventually(STEP, "header_timeout counted", || f.denied("header_timeout") == 1.0).await;
+    // An idle keep-alive connection after a complete request is closed too.
+    let mut s = TcpStream::connect(f.http()).await.unwrap();
+    s.write_all(format!("GET /x HTTP/1.1\r\nHost: {NAME}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut out)).await.unwrap().ok();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "idle keep-alive closed after header_read_timeout"
+    );
+    assert_eq!(f.accepts(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn d1_the_connection_cap_answers_503_overloaded() {
+    let f = fixture("max_connections: 2").await;
+    let _a = TcpStream::connect(f.http()).await.unwrap();
+    let _b = TcpStream::connect(f.http()).await.unwrap();
+    assert_eventually(STEP, "both connections are being served", || {
+        f.sidecar.active_connections() == 2
+    })
+    .await;
+    let r = raw(f.http(), format!("GET / HTTP/1.1\r\nHost: {NAME}\r\n\r\n").as_bytes()).await;
+    assert!(status(&r).starts_with("HTTP/1.1 503"), "{r}");
+    assert!(r.contains("x-mtls-sidecar-error: overloaded"));
+    assert_eq!(f.denied("overloaded"), 1.0);
+    assert_eq!(f.accepts(), 0);
+}
+
+#[test]
+fn a7_metadata_and_link_local_services_are_refused_by_validation() {
+    for service in ["169.254.169.254:80", "http://169.254.169.254", "[fe80::1]:443"] {
+        let yaml = format!("mappings:\n  - {{ name: m, prefix: /, service: \"{service}\" }}\n");
+        let p = support::problems(&yaml);
+        let p = support::problem_at(&p, "mappings[0].service");
+        assert!(p.message.contains("link-local"), "{service}: {}", p.message);
+    }
+    assert!(mtls_sidecar::proxy::connect::is_link_local(
+        "169.254.169.254".parse().unwrap()
+    ));
+    assert!(mtls_sidecar::proxy::connect::is_link_local("fe80::1".parse().unwrap()));
+    assert!(mtls_sidecar::proxy::connect::is_link_local(
+        "::ffff:169.254.1.1".parse().unwrap()
+    ));
+    assert!(!mtls_sidecar::proxy::connect::is_link_local(
+        "10.0.0.1".parse().unwrap()
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn b_black_holed_upstream_is_a_504_connect_timeout() {
+    // A listener whose accept queue is full drops further SYNs: the connect hangs, as with a
+    // black-holed address, but everything stays on loopback.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hole = socket.listen(1).unwrap();
+    let addr = hole.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            fillers.push(s);
+        }
+    }
+    let yaml = format!(
+        "listeners: {{ http: 127.0.0.1:0 }}\nadmin: null\nmappings:\n  - {{ name: hole, prefix: /, service: \"http://{addr}\", connect_timeout_ms: 500 }}\n"
+    );
+    let s = app::start(config(&yaml)).await.unwrap();
+    let t = Instant::now();
+    let r = mtls_sidecar::testkit::client::get(s.http_addr.unwrap(), "any", "/")
+        .await
+        .unwrap();
+    assert_eq!(r.head.status, 504);
+    assert_eq!(r.error_reason().as_deref(), Some("connect_timeout"));
+    assert!(t.elapsed() < Duration::from_secs(3));
+    drop(hole);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn b_upstream_certificate_not_yet_valid_is_a_502() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("future CA");
+    let now = std::time::SystemTime::now();
+    let future = ca
+        .issue(&LeafSpec::server(NAME).valid(now + Duration::from_secs(86_400), now + Duration::from_secs(2 * 86_400)));
+    let up = http_upstream::start_https(server_config(&future, &[], &[])).await;
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+    let yaml = format!(
+        "listeners: {{ http: 127.0.0.1:0 }}\nadmin: null\ntls_contexts:\n  ctx: {{ cacert_chain_file: {}, sni: {NAME} }}\nmappings:\n  - {{ name: m, prefix: /, service: \"{}\", tls: ctx }}\n",
+        ca_file.display(),
+        up.addr
+    );
+    let s = app::start(config(&yaml)).await.unwrap();
+    let r = mtls_sidecar::testkit::client::get(s.http_addr.unwrap(), NAME, "/")
+        .await
+        .unwrap();
+    assert_eq!(r.head.status, 502);
+    assert_eq!(r.error_reason().as_deref(), Some("cert_not_yet_valid"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_a_dsa_key_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("dsa CA");
+    let leaf = ca.client("app");
+    let dsa = "-----BEGIN DSA PRIVATE KEY-----\nMIIBuwIBAAKBgQC1\n-----END DSA PRIVATE KEY-----\n";
+    SecretDir::create(dir.path().join("certs"))
+        .unwrap()
+        .publish(&[
+            ("tls.crt", leaf.cert_pem.as_bytes()),
+            ("tls.key", dsa.as_bytes()),
+            ("ca.crt", ca.cert_pem.as_bytes()),
+        ])
+        .unwrap();
+    let c = config(&format!(
+        "admin: null\nsecrets_dir: {}\ntls_contexts:\n  ctx: {{ secret: certs }}\n",
+        dir.path().display()
+    ));
+    let store = mtls_sidecar::tls::TlsStore::new(&c, mtls_sidecar::metrics::Metrics::new());
+    match store.get("ctx").unwrap().reload() {
+        mtls_sidecar::tls::ReloadOutcome::Failed(e) => {
+            assert_eq!(e.kind(), "pem_error");
+            assert!(e.to_string().contains("DSA is not supported"), "{e}");
+        }
+        other => panic!("a DSA key loaded: {other:?}"),
+    }
+}
+
+#[test]
+fn c_a_subpath_mount_is_detected_and_warned() {
+    if mtls_sidecar::sys::euid() != 0 {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI runs as root");
+        eprintln!("SKIPPED: bind-mounting a file (a subPath mount) needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("subpath CA");
+    let leaf = ca.client("app");
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    // What the kubelet does for `subPath: tls.crt`: a bind mount of one file from the volume.
+    let volume = tempfile::tempdir_in("/dev/shm").unwrap();
+    for (name, body) in [
+        ("tls.crt", &leaf.cert_pem),
+        ("tls.key", &leaf.key_pem),
+        ("ca.crt", &ca.cert_pem),
+    ] {
+        std::fs::write(volume.path().join(name), body).unwrap();
+        std::fs::write(certs.join(name), "").unwrap();
+    }
+    let target = certs.join("tls.crt");
+    let ok = std::process::Command::new("mount")
+        .args(["--bind"])
+        .arg(volume.path().join("tls.crt"))
+        .arg(&target)
+        .status()
+        .unwrap();
+    if !ok.success() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "mount --bind failed in CI"
+        );
+        eprintln!("SKIPPED: mount --bind is not permitted here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(target.clone());
+    for (name, _) in [("tls.key", ()), ("ca.crt", ())] {
+        let _ = std::fs::copy(volume.path().join(name), certs.join(name));
+    }
+    assert!(mtls_sidecar::tls::material::looks_like_subpath(&target));
+    assert!(!mtls_sidecar::tls::material::looks_like_subpath(&certs.join("tls.key")));
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "admin: null\nsecrets_dir: {}\ntls_contexts:\n  ctx: {{ secret: certs }}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtls-sidecar"))
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("looks like a subPath mount and will never rotate"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn d4_without_a_watchable_directory_the_sidecar_polls_then_watches() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listeners: {{ http: null }}\nadmin: null\nsecrets_dir: {}\nreload_poll_interval: 1s\ntls_contexts:\n  ctx: {{ secret: late }}\n",
+        dir.path().display()
+    );
+    let s = app::start(config(&yaml)).await.unwrap();
+    let mode = |m: &str| {
+        metric(
+            &s.metrics.render(),
+            "mtls_sidecar_certificate_watch_mode",
+            &[("tls_context", "ctx"), ("mode", m)],
+        )
+    };
+    assert_eq!(mode("poll"), 1.0, "the directory does not exist: polling");
+    let ca = TestCa::new("late CA");
+    let leaf = ca.client("app");
+    SecretDir::create(dir.path().join("late"))
+        .unwrap()
+        .publish(&[
+            ("tls.crt", leaf.cert_pem.as_bytes()),
+            ("tls.key", leaf.key_pem.as_bytes()),
+            ("ca.crt", ca.cert_pem.as_bytes()),
+        ])
+        .unwrap();
+    assert_eventually(STEP, "loaded by polling", || s.readiness.check().is_ok()).await;
+    assert_eventually(STEP, "watched once it exists", || mode("inotify") == 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn d1_thousands_of_concurrent_connections_are_all_served() {
+    // Each proxied connection holds two descriptors; make room the way the binary does.
+    mtls_sidecar::sys::raise_nofile_limit().unwrap();
+    let f = fixture("max_connections: 5000").await;
+    let http = f.http();
+    let mut tasks = Vec::new();
+    for i in 0..2000 {
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(http).await?;
+            s.write_all(format!("GET /c/{i} HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n").as_bytes())
+                .await?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await?;
+            Ok::<bool, std::io::Error>(out.starts_with(b"HTTP/1.1 200"))
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 2000, "every one of 2000 concurrent connections got its 200");
+    assert_eq!(f.denied("overloaded"), 0.0);
+    // HTTP/2 upstream: all of them shared a handful of upstream connections.
+    assert!(f.accepts() <= 2, "{} upstream connections", f.accepts());
+}
+
+#[test]
+fn b_slow_dns_is_a_504_dns_timeout() {
+    if mtls_sidecar::sys::euid() != 0 {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI runs as root");
+        eprintln!("SKIPPED: a private resolv.conf needs a network namespace (root)");
+        return;
+    }
+    // `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf: point it
+    // at an address inside the namespace where nothing ever answers.
+    let ns = format!("mtls-dns-{}", std::process::id() % 100_000);
+    let etc = std::path::PathBuf::from("/etc/netns").join(&ns);
+    struct Cleanup(String, std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let _cleanup = Cleanup(ns.clone(), etc.clone());
+    let sh = |args: &[&str]| {
+        assert!(
+            std::process::Command::new(args[0])
+                .args(&args[1..])
+                .status()
+                .unwrap()
+                .success(),
+            "{args:?}"
+        )
+    };
+    sh(&["ip", "netns", "add", &ns]);
+    sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+    // A veth pair inside the namespace: the peer has no address, so nothing ever answers ARP
+    // for the nameserver and the query is never even sent.
+    sh(&[
+        "ip", "-n", &ns, "link", "add", "dns0", "type", "veth", "peer", "name", "dns1",
+    ]);
+    sh(&["ip", "-n", &ns, "addr", "add", "10.203.0.1/24", "dev", "dns0"]);
+    sh(&["ip", "-n", &ns, "link", "set", "dns0", "up"]);
+    sh(&["ip", "-n", &ns, "link", "set", "dns1", "up"]);
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("resolv.conf"),
+        "nameserver 10.203.0.2\noptions timeout:5 attempts:1\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        "listeners: { http: 127.0.0.1:25401 }\nadmin: null\nlog: { level: warn }\nmappings:\n  - { name: slow, prefix: /, service: \"http://slow.example.test\", connect_timeout_ms: 700 }\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            env!("CARGO_BIN_EXE_mtls-sidecar"),
+            "run",
+            "--config",
+        ])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let o = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "curl",
+                "-sS",
+                "-m",
+                "10",
+                "-D",
+                "-",
+                "-H",
+                "Host: any",
+                "http://127.0.0.1:25401/",
+            ])
+            .output()
+            .unwrap();
+        if o.status.success() || Instant::now() > deadline {
+            break String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(out.contains("x-mtls-sidecar-error: dns_timeout"), "{out}");
+}
