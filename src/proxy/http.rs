@@ -347,25 +347,37 @@ impl HttpProxy {
         };
         let (mut parts, incoming) = req.into_parts();
         let h2_downstream = parts.version == Version::HTTP_2;
-        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let new_path = rewrite_path(path_and_query, &mapping.prefix, mapping.rewrite.as_deref());
+        let orig_pq = parts.uri.path_and_query().cloned();
+        // Most mappings keep the path (prefix `/`, rewrite `/`): then the original path is
+        // reused as is, without an allocation.
+        let new_path: Option<String> = match (&orig_pq, mapping.rewrite.as_deref()) {
+            (_, Some("")) => None,
+            (_, rw) if rw.unwrap_or("/") == mapping.prefix => None,
+            (pq, rw) => Some(rewrite_path(
+                pq.as_ref().map_or("/", |p| p.as_str()),
+                &mapping.prefix,
+                rw,
+            )),
+        };
         let log_enabled = tracing::enabled!(target: "access", tracing::Level::INFO);
-        let counter = Arc::new(AtomicU64::new(0));
-        let mut log = log_enabled.then(|| {
+        let counter = log_enabled.then(|| Arc::new(AtomicU64::new(0)));
+        let mut log = counter.as_ref().map(|c| {
             Box::new(RequestLog::new(
                 started,
                 &mapping,
                 parts.method.clone(),
                 parts.uri.path(),
                 parts.version,
-                counter.clone(),
+                c.clone(),
             ))
         });
         strip_hop_by_hop(&mut parts.headers, websocket);
         strip_spoofable(&mut parts.headers);
-        let host = match &mapping.host_rewrite {
-            Some(h) => h.clone(),
-            None => match HeaderValue::from_str(&authority) {
+        let host = match (&mapping.host_rewrite, parts.headers.get(header::HOST)) {
+            (Some(h), _) => h.clone(),
+            // The app's own Host header (origin form; it equals the authority, checked above).
+            (None, Some(h)) => h.clone(),
+            (None, None) => match HeaderValue::from_str(&authority) {
                 Ok(v) => v,
                 Err(_) => {
                     return self.deny(
@@ -435,7 +447,12 @@ impl HttpProxy {
             match &sender {
                 Sender::H1(_) => {
                     p.version = Version::HTTP_11;
-                    p.uri = match Uri::try_from(new_path.as_str()) {
+                    let origin_form = match (&new_path, &orig_pq) {
+                        (Some(path), _) => Uri::try_from(path.as_str()),
+                        (None, Some(pq)) => Ok(Uri::from(pq.clone())),
+                        (None, None) => Ok(Uri::from_static("/")),
+                    };
+                    p.uri = match origin_form {
                         Ok(u) => u,
                         Err(_) => {
                             return self.deny(
@@ -451,7 +468,11 @@ impl HttpProxy {
                     p.version = Version::HTTP_2;
                     let scheme = if tls.is_some() { "https" } else { "http" };
                     let auth = host.to_str().unwrap_or(&authority);
-                    p.uri = match Uri::try_from(format!("{scheme}://{auth}{new_path}")) {
+                    let path = new_path
+                        .as_deref()
+                        .or(orig_pq.as_ref().map(|p| p.as_str()))
+                        .unwrap_or("/");
+                    p.uri = match Uri::try_from(format!("{scheme}://{auth}{path}")) {
                         Ok(u) => u,
                         Err(_) => {
                             return self.deny(

@@ -247,8 +247,12 @@ impl Pool {
             source: e,
         };
         if use_h2 {
+            // Larger flow-control windows than h2's 64 KiB default: fewer WINDOW_UPDATE round
+            // trips and larger reads for bulk responses, bounded per connection.
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20)
                 .keep_alive_interval(Duration::from_secs(30))
                 .handshake(io)
                 .await

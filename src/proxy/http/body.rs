@@ -32,11 +32,11 @@ impl ReqBody {
         }
     }
 
-    /// The app's body, counted into `bytes`.
-    pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
+    /// The app's body, counted into `bytes` when an access log wants the count.
+    pub fn new(inner: Incoming, bytes: Option<Arc<AtomicU64>>) -> Self {
         ReqBody {
             inner: Some(inner),
-            bytes: Some(bytes),
+            bytes,
             on_end: None,
         }
     }
