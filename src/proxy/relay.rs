@@ -37,8 +37,12 @@ pub enum RelayEnd {
     Cancelled,
 }
 
+/// First buffer size: enough for request/response traffic; bulk transfers grow it.
+const INITIAL_BUF: usize = 4 * 1024;
+
 struct Half {
     buf: Box<[u8]>,
+    max: usize,
     pos: usize,
     cap: usize,
     read_done: bool,
@@ -48,9 +52,10 @@ struct Half {
 }
 
 impl Half {
-    fn new(size: usize) -> Self {
+    fn new(max: usize) -> Self {
         Half {
-            buf: vec![0; size].into_boxed_slice(),
+            buf: vec![0; INITIAL_BUF.min(max)].into_boxed_slice(),
+            max,
             pos: 0,
             cap: 0,
             read_done: false,
@@ -72,6 +77,10 @@ impl Half {
         }
         loop {
             if self.pos == self.cap && !self.read_done {
+                if self.cap == self.buf.len() && self.buf.len() < self.max {
+                    // The last read filled the buffer: this is a bulk transfer, read more at once.
+                    self.buf = vec![0; self.max].into_boxed_slice();
+                }
                 let mut rb = ReadBuf::new(&mut self.buf);
                 match Pin::new(&mut *r).poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
