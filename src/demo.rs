@@ -243,8 +243,15 @@ async fn run() -> anyhow::Result<()> {
         );
     }
 
+    // A TCP connection is counted when its relay ends, just after the app hung up.
+    let counted = |t: &str| t.contains(r#"mtls_sidecar_tcp_connections_total{listener="orders-db",result="ok"} 2"#);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut text = sidecar.metrics.render();
+    while !counted(&text) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        text = sidecar.metrics.render();
+    }
     println!("8. metrics that prove it:");
-    let text = sidecar.metrics.render();
     for line in text.lines().filter(|l| {
         !l.starts_with('#')
             && (l.starts_with("mtls_sidecar_certificate_generation")
