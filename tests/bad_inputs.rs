@@ -192,6 +192,67 @@ async fn a5_slow_headers_and_idle_keep_alive_are_closed_at_the_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a5_a_connection_that_sends_nothing_is_closed_at_the_deadline() {
+    let f = fixture("header_read_timeout: 1s").await;
+    let mut s = TcpStream::connect(f.http()).await.unwrap();
+    let t = Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut out))
+        .await
+        .expect("a silent connection is closed, not held forever")
+        .ok();
+    assert!(out.is_empty(), "nothing was asked, nothing is answered");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "closed at the deadline, not before"
+    );
+    assert_eventually(STEP, "header_timeout counted", || f.denied("header_timeout") == 1.0).await;
+    assert_eq!(f.accepts(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a1_a_request_or_preface_whose_first_byte_arrives_alone_is_still_served() {
+    let f = fixture("header_read_timeout: 5s").await;
+    // The pause only paces the bytes so that the sidecar likely reads `P` on its own; the
+    // assertions hold either way.
+    let mut s = TcpStream::connect(f.http()).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(
+        format!("OST /x HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // h2c: `P`, `R`, then the rest of the preface and a SETTINGS frame; the sidecar answers
+    // with its own SETTINGS frame (type 4), i.e. it took the connection as HTTP/2.
+    let mut s = TcpStream::connect(f.http()).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    for part in [
+        &b"P"[..],
+        b"R",
+        b"I * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    ] {
+        s.write_all(part).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(STEP, s.read_exact(&mut frame))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(frame[3], 4, "first frame from the sidecar is SETTINGS: {frame:?}");
+    assert_eq!(f.denied("malformed_request"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn d1_the_connection_cap_answers_503_overloaded() {
     let f = fixture("max_connections: 2").await;
     let _a = TcpStream::connect(f.http()).await.unwrap();

@@ -11,7 +11,9 @@ pub mod log;
 pub mod mapping;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
@@ -19,10 +21,11 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use metrics::Counter;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -62,8 +65,52 @@ pub struct HttpProxy {
     pool: Arc<Pool>,
     shutdown: Shutdown,
     denied: Vec<(&'static str, Counter)>,
-    builder: auto::Builder<TokioExecutor>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    /// Also the deadline for a new connection's first bytes.
+    header_read_timeout: Duration,
     rotation_drain: Duration,
+}
+
+/// What a new app connection's first bytes say.
+enum FirstBytes {
+    /// HTTP/1.x, with the bytes taken from the socket while deciding (at most two).
+    Http1(Vec<u8>),
+    /// The h2c prior-knowledge preface (`PRI * HTTP/2.0…`), with the bytes taken.
+    H2c(Vec<u8>),
+    /// The app closed without sending anything.
+    Closed,
+}
+
+/// Decides between HTTP/1.x and h2c by peeking at the first bytes, instead of reading them
+/// into a buffer and replaying it: hyper then reads the request into its own buffer once.
+/// Only when the app sent just `P` or `PR` so far are those bytes taken (so that the next peek
+/// waits for more) and replayed by the guard.
+async fn sniff(stream: &mut TcpStream) -> std::io::Result<FirstBytes> {
+    const H2_START: &[u8] = b"PRI";
+    let mut buf = [0u8; 3];
+    let mut taken = 0;
+    loop {
+        let n = stream.peek(&mut buf[taken..]).await?;
+        if n == 0 {
+            return Ok(if taken == 0 {
+                FirstBytes::Closed
+            } else {
+                FirstBytes::Http1(buf[..taken].to_vec())
+            });
+        }
+        let seen = &buf[..taken + n];
+        if seen.len() == H2_START.len() || !H2_START.starts_with(seen) {
+            let taken = buf[..taken].to_vec();
+            return Ok(if seen.starts_with(H2_START) {
+                FirstBytes::H2c(taken)
+            } else {
+                FirstBytes::Http1(taken)
+            });
+        }
+        let got = stream.read(&mut buf[taken..taken + n]).await?;
+        taken += got;
+    }
 }
 
 /// Status for an upstream failure reason.
@@ -118,17 +165,14 @@ impl HttpProxy {
             mappings.push(mapping);
         }
         let l = &config.limits;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
             .header_read_timeout(l.header_read_timeout.0)
             .max_buf_size(l.max_header_bytes.max(8192))
             .max_headers(l.max_headers)
             .half_close(false);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
             .max_concurrent_streams(1024)
             .keep_alive_interval(Duration::from_secs(30))
@@ -148,7 +192,9 @@ impl HttpProxy {
             pool: Arc::new(Pool::new(shutdown.force_close.clone())),
             shutdown,
             denied,
-            builder,
+            h1,
+            h2,
+            header_read_timeout: l.header_read_timeout.0,
             rotation_drain: config.rotation_drain_timeout.0,
         }))
     }
@@ -194,16 +240,7 @@ impl HttpProxy {
         self.serve_connection_inner(stream, peer).instrument(span).await;
     }
 
-    async fn serve_connection_inner(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let this = self.clone();
-        let (guarded, head) = HeadGuard::new(stream);
-        let head_state = head.clone();
-        let svc = service_fn(move |req| {
-            let (this, head) = (this.clone(), head.clone());
-            async move { Ok::<_, Infallible>(this.handle(req, head).await) }
-        });
-        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(guarded), svc);
-        tokio::pin!(conn);
+    async fn serve_connection_inner(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
         // Connections open when the drain starts are told to finish (HTTP/1.1: close when
         // idle; HTTP/2: GOAWAY). Connections the app opens during the drain are served first:
         // closing them before their request arrived would refuse exactly the late requests
@@ -219,6 +256,61 @@ impl HttpProxy {
             tokio::time::sleep(grace).await;
         };
         tokio::pin!(drain_started);
+        // A connection that sends nothing is closed at the header deadline, like one that
+        // sends a head too slowly (hyper's timer starts only once it serves the connection).
+        let first = tokio::select! {
+            r = tokio::time::timeout(self.header_read_timeout, sniff(&mut stream)) => r,
+            () = &mut drain_started => return,
+            () = self.shutdown.force_close.cancelled() => return,
+        };
+        let (h2, taken) = match first {
+            Ok(Ok(FirstBytes::Http1(taken))) => (false, taken),
+            Ok(Ok(FirstBytes::H2c(taken))) => (true, taken),
+            Ok(Ok(FirstBytes::Closed)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %peer, error = %e, "app connection failed before its first byte");
+                return;
+            }
+            Err(_) => {
+                if let Some(c) = self.denied("header_timeout") {
+                    c.increment(1);
+                }
+                tracing::info!(peer = %peer, reason = "header_timeout", "closed an app connection that sent nothing within header_read_timeout");
+                return;
+            }
+        };
+        let this = self.clone();
+        let (guarded, head) = HeadGuard::new(stream);
+        let guarded = TokioIo::new(guarded.sniffed(h2, &taken));
+        let head_state = head.clone();
+        let svc = service_fn(move |req| {
+            let (this, head) = (this.clone(), head.clone());
+            async move { Ok::<_, Infallible>(this.handle(req, head).await) }
+        });
+        if h2 {
+            // Boxed: an HTTP/2 connection's state is several KiB, and this task's future is
+            // as large as its largest branch; HTTP/1.1 connections are the many.
+            let conn = self.h2.serve_connection(guarded, svc);
+            Box::pin(self.drive(conn, |c| c.graceful_shutdown(), drain_started, &head_state, peer)).await;
+        } else {
+            let conn = self.h1.serve_connection(guarded, svc).with_upgrades();
+            self.drive(conn, |c| c.graceful_shutdown(), drain_started, &head_state, peer)
+                .await;
+        }
+    }
+
+    /// Runs a served connection to its end, finishing it gracefully once the drain starts.
+    async fn drive<C>(
+        &self,
+        conn: C,
+        graceful: fn(Pin<&mut C>),
+        mut drain_started: Pin<&mut impl Future<Output = ()>>,
+        head_state: &HeadState,
+        peer: SocketAddr,
+    ) where
+        C: Future<Output = Result<(), hyper::Error>>,
+    {
+        tokio::pin!(conn);
         let mut draining = false;
         loop {
             tokio::select! {
@@ -229,15 +321,15 @@ impl HttpProxy {
                         }
                         tracing::info!(peer = %peer, reason = "malformed_request", "refused a smuggling-shaped request head ({v:?}) with 400 and closed the connection");
                     } else if let Err(e) = r {
-                        self.connection_error(&*e, peer);
+                        self.connection_error(&e, peer);
                     }
                     return;
                 }
-                _ = &mut drain_started, if !draining => {
+                () = drain_started.as_mut(), if !draining => {
                     draining = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful(conn.as_mut());
                 }
-                _ = self.shutdown.force_close.cancelled() => return,
+                () = self.shutdown.force_close.cancelled() => return,
             }
         }
     }
@@ -615,4 +707,40 @@ fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
     *r.version_mut() = p.version;
     *r.headers_mut() = p.headers.clone();
     r.into_parts().0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    /// Sends `bytes`, closes the app side, and sniffs what the sidecar side sees.
+    async fn sniff_after(bytes: &[u8]) -> FirstBytes {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut side, _) = listener.accept().await.unwrap();
+        app.write_all(bytes).await.unwrap();
+        app.shutdown().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), sniff(&mut side))
+            .await
+            .expect("sniff finished")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn sniff_tells_http1_from_the_h2c_preface_without_taking_bytes() {
+        assert!(matches!(sniff_after(b"GET / HTTP/1.1\r\n").await, FirstBytes::Http1(t) if t.is_empty()));
+        assert!(matches!(sniff_after(b"POST / HTTP/1.1\r\n").await, FirstBytes::Http1(t) if t.is_empty()));
+        assert!(matches!(sniff_after(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await, FirstBytes::H2c(t) if t.is_empty()));
+        assert!(matches!(sniff_after(b"").await, FirstBytes::Closed));
+    }
+
+    #[tokio::test]
+    async fn sniff_takes_an_undecided_start_and_waits_for_more() {
+        // `PR` could still become either protocol: the bytes are taken (to be replayed) and the
+        // next peek waits; here it sees the end of the stream, so HTTP/1.x parsing gets `PR`.
+        assert!(matches!(sniff_after(b"PR").await, FirstBytes::Http1(t) if t == b"PR"));
+        assert!(matches!(sniff_after(b"P").await, FirstBytes::Http1(t) if t == b"P"));
+    }
 }

@@ -79,6 +79,10 @@ pub struct HeadGuard<IO> {
     /// A request line has started: empty lines before it are skipped by the parser (RFC
     /// 9112 §2.2), so they must not end the scan either.
     seen_content: bool,
+    /// Bytes already taken from the socket before hyper started (at most two, see
+    /// `http::sniff`), handed to hyper first.
+    replay: [u8; 2],
+    replay_len: u8,
 }
 
 impl<IO> HeadGuard<IO> {
@@ -97,8 +101,25 @@ impl<IO> HeadGuard<IO> {
             saw_cl: false,
             saw_te: false,
             seen_content: false,
+            replay: [0; 2],
+            replay_len: 0,
         };
         (g, state)
+    }
+
+    /// The protocol is already known from the first bytes (`h2`: the h2c preface), and
+    /// `taken` (at most two bytes, already read from `io` while deciding) goes to the reader
+    /// before anything else read from `io`.
+    pub fn sniffed(mut self, h2: bool, taken: &[u8]) -> Self {
+        if h2 {
+            self.mode = Mode::Off;
+        } else {
+            self.start_head();
+        }
+        let n = taken.len().min(self.replay.len());
+        self.replay[..n].copy_from_slice(&taken[..n]);
+        self.replay_len = u8::try_from(n).unwrap_or(0);
+        self
     }
 
     fn start_head(&mut self) {
@@ -180,7 +201,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<IO> {
                 this.start_head();
             }
             let before = buf.filled().len();
-            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+            if this.replay_len > 0 && buf.remaining() > 0 {
+                let n = usize::from(this.replay_len).min(buf.remaining());
+                buf.put_slice(&this.replay[..n]);
+                this.replay.copy_within(n.., 0);
+                this.replay_len = u8::try_from(usize::from(this.replay_len) - n).unwrap_or(0);
+            } else {
+                std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+            }
             let new = &buf.filled()[before..];
             if this.mode == Mode::Detect && !new.is_empty() {
                 this.mode = if new.starts_with(b"PRI") { Mode::Off } else { Mode::Head };
@@ -275,5 +303,34 @@ mod tests {
         assert_eq!(g.scan(b"POST / HTTP/1.1\r\nContent-Le"), None);
         assert_eq!(g.scan(b"ngth: 5\r\nTransfer-Enc"), None);
         assert_eq!(g.scan(b"oding: chunked\r\n\r\n"), Some(Violation::ClAndTe));
+    }
+
+    #[tokio::test]
+    async fn bytes_taken_while_sniffing_are_read_first_and_still_scanned() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut app, side) = tokio::io::duplex(256);
+        app.write_all(b"ST / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        let (g, _) = HeadGuard::new(side);
+        let mut g = g.sniffed(false, b"PO");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.ends_with(b"\r\n\r\n") {
+            let n = g.read(&mut buf).await.unwrap();
+            assert_ne!(n, 0, "EOF before the head ended: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"POST / HTTP/1.1\r\nHost: a\r\n\r\n");
+
+        // The replayed bytes are part of the scanned head: a bare LF right after them is refused.
+        let (mut app, side) = tokio::io::duplex(256);
+        app.write_all(b"ST / HTTP/1.1\nHost: a\r\n\r\n").await.unwrap();
+        let (g, state) = HeadGuard::new(side);
+        let mut g = g.sniffed(false, b"PO");
+        let mut rest = Vec::new();
+        g.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(state.violation(), Some(Violation::BareLf));
+        let mut reply = vec![0u8; REJECT.len()];
+        app.read_exact(&mut reply).await.unwrap();
+        assert!(reply.starts_with(b"HTTP/1.1 400"));
     }
 }
