@@ -190,7 +190,8 @@ async fn websocket_upgrade_is_relayed_when_allowed() {
     );
     assert!(rest.is_empty());
 
-    for msg in [&b"\x81\x05hello"[..], &[0xAB; 20_000][..]] {
+    // Masked client frames are arbitrary bytes: a bare LF in them is no malformed HTTP head.
+    for msg in [&b"\x81\x05hello"[..], &[0xAB; 20_000][..], b"\x82\x07a\nb\r\n\n"] {
         s.write_all(msg).await.unwrap();
         let mut echo = vec![0u8; msg.len()];
         within("the websocket echo", s.read_exact(&mut echo)).await.unwrap();
@@ -201,6 +202,15 @@ async fn websocket_upgrade_is_relayed_when_allowed() {
     assert_eq!(seen.serial, w.client.serial);
     assert_eq!(seen.alpn.as_deref(), Some("http/1.1"));
     drop(s);
+
+    // An upgrade the upstream declines is an ordinary response, and ends the connection.
+    let req = format!("GET /report HTTP/1.1\r\nHost: {HOST}\r\n{WS_UPGRADE}\r\n");
+    let (head, mut s, mut rest) = raw_exchange(addr, req.as_bytes()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(raw_header(&head, "connection"), Some("close"), "{head}");
+    within("the sidecar closing the connection", s.read_to_end(&mut rest))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

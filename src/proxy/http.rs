@@ -360,8 +360,11 @@ impl HttpProxy {
         if http_body::Body::is_end_stream(req.body()) {
             head.request_done();
         }
-        let mut resp = self.route_and_forward(req, head).await;
-        if self.shutdown.is_draining() && version == Version::HTTP_11 {
+        let mut resp = self.route_and_forward(req, head.clone()).await;
+        let refused_upgrade = head.is_upgrading() && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
+        // A refused upgrade (or one that failed upstream) ends the connection: after
+        // `upgrading()` no later head on it would be scanned for smuggling shapes.
+        if refused_upgrade || (self.shutdown.is_draining() && version == Version::HTTP_11) {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -425,6 +428,10 @@ impl HttpProxy {
         let mapping = route.value.clone();
         let websocket = mapping.allow_websocket && req.version() == Version::HTTP_11 && wants_websocket(req.headers());
         let downstream_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+        if websocket {
+            // After a 101 the app's bytes are WebSocket frames, not request heads.
+            head.upgrading();
+        }
         let generation = match &mapping.context {
             None => None,
             Some(slot) => match slot.current() {

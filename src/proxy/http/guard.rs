@@ -23,6 +23,9 @@ const REJECT: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; ch
 #[derive(Debug, Default)]
 pub struct HeadState {
     expecting_head: AtomicBool,
+    /// The connection may switch protocols (a WebSocket upgrade is being forwarded): what
+    /// follows is not HTTP/1 and must never be scanned as a head.
+    upgrading: AtomicBool,
     violation: AtomicU8,
 }
 
@@ -40,6 +43,18 @@ impl HeadState {
     /// on the connection start a new head.
     pub fn request_done(&self) {
         self.expecting_head.store(true, Ordering::Release);
+    }
+
+    /// A WebSocket upgrade request is being forwarded: stop scanning this connection for good.
+    /// Call it before the request is answered (the app sends frames only after the 101); a
+    /// refused upgrade must close the connection, as no later head would be scanned.
+    pub fn upgrading(&self) {
+        self.upgrading.store(true, Ordering::Release);
+    }
+
+    /// Whether `upgrading` was called.
+    pub fn is_upgrading(&self) -> bool {
+        self.upgrading.load(Ordering::Acquire)
     }
 
     /// The refusal, once the connection has ended.
@@ -196,6 +211,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<IO> {
                 std::task::ready!(Pin::new(&mut this.io).poll_flush(cx))?;
                 // EOF for hyper: it never saw the malformed head.
                 return Poll::Ready(Ok(()));
+            }
+            if this.mode != Mode::Off && this.state.upgrading.load(Ordering::Acquire) {
+                this.mode = Mode::Off;
             }
             if this.mode == Mode::Body && this.state.expecting_head.swap(false, Ordering::AcqRel) {
                 this.start_head();
