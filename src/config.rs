@@ -187,10 +187,12 @@ pub struct Limits {
     /// Most request headers.
     #[serde(default = "default_max_headers")]
     pub max_headers: usize,
-    /// Deadline for a complete request header section.
+    /// Deadline for a complete request head, from its first byte (and for a new connection's
+    /// first bytes, from the accept).
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: Dur,
-    /// Idle keep-alive timeout of application connections.
+    /// How long an app connection may stay idle between requests (HTTP/1.1 keep-alive; h2c
+    /// with no request in flight) before the sidecar closes it.
     #[serde(default = "default_keepalive_timeout")]
     pub keepalive_timeout: Dur,
     /// Per-connection, per-direction buffer for streamed bodies and TCP relays.

@@ -11,7 +11,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
 use mtls_sidecar::app::{self, Sidecar};
+use mtls_sidecar::testkit::client::Conn;
 use mtls_sidecar::testkit::http_upstream;
 use mtls_sidecar::testkit::pki::{LeafSpec, TestCa};
 use mtls_sidecar::testkit::secret_dir::SecretDir;
@@ -163,32 +167,126 @@ async fn a3_oversized_headers_get_431() {
     assert_eq!(f.denied("header_too_large"), 2.0);
 }
 
+/// Reads one HTTP/1.1 response with a Content-Length body; returns its text.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let within = tokio::time::timeout(STEP, async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= end + 4 + len {
+                    return;
+                }
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before a whole response: {buf:?}");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    });
+    within.await.expect("a response in time");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Reads until the sidecar closes the connection; returns what came and when it closed.
+async fn read_until_closed(s: &mut TcpStream) -> (String, Instant) {
+    let mut out = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut out))
+        .await
+        .expect("the sidecar closes the connection")
+        .ok();
+    (String::from_utf8_lossy(&out).into_owned(), Instant::now())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a5_slow_headers_and_idle_keep_alive_are_closed_at_the_deadline() {
-    let f = fixture("header_read_timeout: 1s").await;
+    let f = fixture("header_read_timeout: 1s, keepalive_timeout: 2s").await;
     let mut s = TcpStream::connect(f.http()).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: up").await.unwrap();
     let t = Instant::now();
-    let mut out = Vec::new();
-    tokio::time::timeout(STEP, s.read_to_end(&mut out)).await.unwrap().ok();
-    assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(5));
-    let text = String::from_utf8_lossy(&out);
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    let (text, closed) = read_until_closed(&mut s).await;
+    let took = closed - t;
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("x-mtls-sidecar-error: header_timeout"), "{text}");
     assert_eventually(STEP, "header_timeout counted", || f.denied("header_timeout") == 1.0).await;
-    // An idle keep-alive connection after a complete request is closed too.
+    // An idle keep-alive connection after a complete request is closed at keepalive_timeout,
+    // quietly: nothing is written, and no refusal is counted.
     let mut s = TcpStream::connect(f.http()).await.unwrap();
     s.write_all(format!("GET /x HTTP/1.1\r\nHost: {NAME}\r\n\r\n").as_bytes())
         .await
         .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
     let t = Instant::now();
-    let mut out = Vec::new();
-    tokio::time::timeout(STEP, s.read_to_end(&mut out)).await.unwrap().ok();
-    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    let (text, closed) = read_until_closed(&mut s).await;
+    let took = closed - t;
+    assert!(text.is_empty(), "{text}");
     assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "idle keep-alive closed after header_read_timeout"
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(6),
+        "idle keep-alive closed after keepalive_timeout, not {took:?}"
     );
+    assert_eq!(f.denied("header_timeout"), 1.0);
     assert_eq!(f.accepts(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a5_keep_alive_idle_time_and_head_deadline_are_separate() {
+    let f = fixture("header_read_timeout: 1s, keepalive_timeout: 30s").await;
+    let mut s = TcpStream::connect(f.http()).await.unwrap();
+    let get = format!("GET /x HTTP/1.1\r\nHost: {NAME}\r\n\r\n");
+    s.write_all(get.as_bytes()).await.unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Idle for longer than header_read_timeout (a single timer would have closed it by now).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(get.as_bytes()).await.unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    // A response slower than keepalive_timeout is not idleness: HTTP/1.1 and h2c alike.
+    let f2 = fixture("header_read_timeout: 1s, keepalive_timeout: 1s").await;
+    let mut s2 = TcpStream::connect(f2.http()).await.unwrap();
+    s2.write_all(format!("GET /slow/1500 HTTP/1.1\r\nHost: {NAME}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_response(&mut s2).await.starts_with("HTTP/1.1 200"));
+    let mut h2 = Conn::open(f2.http(), true).await.unwrap();
+    let req = Request::get(format!("http://{NAME}/slow/1500"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send(req).await.unwrap().head.status, 200);
+    // The next head started: from its first byte it has header_read_timeout, then 408.
+    s.write_all(b"GET /x HTTP/1.1\r\nHo").await.unwrap();
+    let t = Instant::now();
+    let (text, closed) = read_until_closed(&mut s).await;
+    let took = closed - t;
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eventually(STEP, "header_timeout counted", || f.denied("header_timeout") == 1.0).await;
+    assert_eq!(f.accepts(), 1, "one upstream connection for both requests");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a5_an_idle_h2c_connection_gets_a_goaway() {
+    let f = fixture("keepalive_timeout: 1s").await;
+    let mut c = Conn::open(f.http(), true).await.unwrap();
+    let req = Request::get(format!("http://{NAME}/x"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(c.send(req).await.unwrap().head.status, 200);
+    let t = Instant::now();
+    let Conn::H2(sender) = &c else { unreachable!() };
+    assert!(!sender.is_closed(), "open right after a response");
+    assert_eventually(STEP, "the idle h2c connection closed", || sender.is_closed()).await;
+    assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
+    assert_eq!(f.denied("header_timeout"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

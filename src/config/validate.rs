@@ -174,6 +174,9 @@ fn global(c: &Config, r: &mut Report) {
     if l.header_read_timeout.0.is_zero() {
         r.err("limits.header_read_timeout", "must be above 0");
     }
+    if l.keepalive_timeout.0.is_zero() {
+        r.err("limits.keepalive_timeout", "must be above 0");
+    }
 }
 
 fn secret_name_ok(s: &str) -> bool {

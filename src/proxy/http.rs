@@ -29,8 +29,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use self::body::{ReqBody, RespBody};
-use self::guard::{HeadGuard, HeadState};
+use self::body::{ConnBody, ReqBody, RespBody};
+use self::guard::{HeadGuard, HeadState, Violation};
 use self::headers::{ERROR_HEADER, strip_hop_by_hop, strip_spoofable, wants_websocket};
 use self::log::RequestLog;
 use self::mapping::HttpMapping;
@@ -69,6 +69,8 @@ pub struct HttpProxy {
     h2: http2::Builder<TokioExecutor>,
     /// Also the deadline for a new connection's first bytes.
     header_read_timeout: Duration,
+    /// How long an app connection may stay idle between requests.
+    keepalive_timeout: Duration,
     rotation_drain: Duration,
 }
 
@@ -166,8 +168,10 @@ impl HttpProxy {
         }
         let l = &config.limits;
         let mut h1 = http1::Builder::new();
+        // The guard keeps the real deadlines (idle between requests, then the head); hyper's
+        // timer, which starts when a connection goes idle, is only a backstop behind both.
         h1.timer(TokioTimer::new())
-            .header_read_timeout(l.header_read_timeout.0)
+            .header_read_timeout(l.keepalive_timeout.0 + l.header_read_timeout.0 + Duration::from_secs(1))
             .max_buf_size(l.max_header_bytes.max(8192))
             .max_headers(l.max_headers)
             .half_close(false);
@@ -195,6 +199,7 @@ impl HttpProxy {
             h1,
             h2,
             header_read_timeout: l.header_read_timeout.0,
+            keepalive_timeout: l.keepalive_timeout.0,
             rotation_drain: config.rotation_drain_timeout.0,
         }))
     }
@@ -241,6 +246,7 @@ impl HttpProxy {
     }
 
     async fn serve_connection_inner(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+        let accepted = Instant::now();
         // Connections open when the drain starts are told to finish (HTTP/1.1: close when
         // idle; HTTP/2: GOAWAY). Connections the app opens during the drain are served first:
         // closing them before their request arrived would refuse exactly the late requests
@@ -281,53 +287,99 @@ impl HttpProxy {
         };
         let this = self.clone();
         let (guarded, head) = HeadGuard::new(stream);
-        let guarded = TokioIo::new(guarded.sniffed(h2, &taken));
+        let mut guarded = guarded.sniffed(h2, &taken);
+        if !h2 {
+            guarded = guarded.with_deadlines(
+                self.header_read_timeout,
+                self.keepalive_timeout,
+                accepted + self.header_read_timeout,
+            );
+        }
+        let guarded = TokioIo::new(guarded);
         let head_state = head.clone();
         let svc = service_fn(move |req| {
             let (this, head) = (this.clone(), head.clone());
-            async move { Ok::<_, Infallible>(this.handle(req, head).await) }
+            let in_flight = head.request_started();
+            async move {
+                let resp = this.handle(req, head).await;
+                Ok::<_, Infallible>(resp.map(|b| ConnBody::new(b, in_flight)))
+            }
         });
         if h2 {
             // Boxed: an HTTP/2 connection's state is several KiB, and this task's future is
             // as large as its largest branch; HTTP/1.1 connections are the many.
             let conn = self.h2.serve_connection(guarded, svc);
-            Box::pin(self.drive(conn, |c| c.graceful_shutdown(), drain_started, &head_state, peer)).await;
+            let idle = Some(self.keepalive_timeout);
+            Box::pin(self.drive(conn, |c| c.graceful_shutdown(), drain_started, &head_state, idle, peer)).await;
         } else {
+            // HTTP/1.1 idle connections are closed by the guard (it sees where heads start).
             let conn = self.h1.serve_connection(guarded, svc).with_upgrades();
-            self.drive(conn, |c| c.graceful_shutdown(), drain_started, &head_state, peer)
+            self.drive(conn, |c| c.graceful_shutdown(), drain_started, &head_state, None, peer)
                 .await;
         }
     }
 
-    /// Runs a served connection to its end, finishing it gracefully once the drain starts.
+    /// Runs a served connection to its end, finishing it gracefully once the drain starts,
+    /// or once it has had no request in flight for `idle` (h2c; HTTP/1.1 has the guard).
     async fn drive<C>(
         &self,
         conn: C,
         graceful: fn(Pin<&mut C>),
         mut drain_started: Pin<&mut impl Future<Output = ()>>,
         head_state: &HeadState,
+        idle: Option<Duration>,
         peer: SocketAddr,
     ) where
         C: Future<Output = Result<(), hyper::Error>>,
     {
         tokio::pin!(conn);
-        let mut draining = false;
+        let mut finishing = false;
+        let idle_check = tokio::time::sleep(idle.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(idle_check);
         loop {
             tokio::select! {
                 r = conn.as_mut() => {
-                    if let Some(v) = head_state.violation() {
-                        if let Some(c) = self.denied("malformed_request") {
-                            c.increment(1);
+                    match head_state.violation() {
+                        Some(Violation::HeadTimeout) => {
+                            if let Some(c) = self.denied("header_timeout") {
+                                c.increment(1);
+                            }
+                            tracing::info!(peer = %peer, reason = "header_timeout", "answered 408 and closed an app connection whose request head did not arrive within header_read_timeout");
                         }
-                        tracing::info!(peer = %peer, reason = "malformed_request", "refused a smuggling-shaped request head ({v:?}) with 400 and closed the connection");
-                    } else if let Err(e) = r {
-                        self.connection_error(&e, peer);
+                        Some(v) => {
+                            if let Some(c) = self.denied("malformed_request") {
+                                c.increment(1);
+                            }
+                            tracing::info!(peer = %peer, reason = "malformed_request", "refused a smuggling-shaped request head ({v:?}) with 400 and closed the connection");
+                        }
+                        None if head_state.idle_closed() => {
+                            tracing::debug!(peer = %peer, "closed an app connection idle for keepalive_timeout");
+                        }
+                        None => {
+                            if let Err(e) = r {
+                                self.connection_error(&e, peer);
+                            }
+                        }
                     }
                     return;
                 }
-                () = drain_started.as_mut(), if !draining => {
-                    draining = true;
+                () = drain_started.as_mut(), if !finishing => {
+                    finishing = true;
                     graceful(conn.as_mut());
+                }
+                () = idle_check.as_mut(), if !finishing && idle.is_some() => {
+                    let limit = idle.unwrap_or_default();
+                    match head_state.idle_for() {
+                        Some(t) if t >= limit => {
+                            tracing::debug!(peer = %peer, "closing an h2c app connection idle for keepalive_timeout (GOAWAY)");
+                            finishing = true;
+                            graceful(conn.as_mut());
+                        }
+                        // Busy, or idle for less: look again when it could have run out.
+                        t => idle_check.as_mut().reset(
+                            tokio::time::Instant::now() + limit.saturating_sub(t.unwrap_or_default()),
+                        ),
+                    }
                 }
                 () = self.shutdown.force_close.cancelled() => return,
             }

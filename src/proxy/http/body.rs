@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::guard::HeadState;
+use super::guard::{HeadState, InFlight};
 use super::log::RequestLog;
 
 /// The app's request body on its way upstream.
@@ -162,5 +162,40 @@ impl Drop for RespBody {
             let outcome = (!inner.is_end_stream()).then_some("downstream_closed");
             (*l).finish(outcome);
         }
+    }
+}
+
+/// A response on its way to the app, holding its request's place on the connection: the
+/// connection counts as idle (keep-alive timeout) only once every response has been sent.
+#[derive(Debug)]
+pub struct ConnBody {
+    body: RespBody,
+    _in_flight: InFlight,
+}
+
+impl ConnBody {
+    /// Wraps `body`; `in_flight` is released when the body is sent completely or dropped.
+    pub fn new(body: RespBody, in_flight: InFlight) -> Self {
+        ConnBody {
+            body,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl Body for ConnBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

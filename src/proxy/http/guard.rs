@@ -7,26 +7,72 @@
 //! Only request heads are scanned: body bytes are skipped until the service says the body was
 //! fully read, so a binary body can never be mistaken for a malformed head. HTTP/2 (h2c)
 //! connections are recognised by their preface and left alone.
+//!
+//! The guard also keeps the HTTP/1.1 deadlines, because it sees where a head starts: between
+//! requests a connection may stay idle for `keepalive_timeout` (then it is closed quietly, as
+//! any keep-alive server does); once the first byte of a head arrives, the whole head must
+//! follow within `header_read_timeout` (else 408 and close, counted `header_timeout`). hyper's
+//! single timer cannot tell the two apart: it starts when the connection goes idle.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 /// Written instead of passing a malformed head to hyper.
-const REJECT: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nx-mtls-sidecar-error: malformed_request\r\nconnection: close\r\ncontent-length: 96\r\n\r\nmtls-sidecar: malformed request head (bare LF, or both Content-Length and Transfer-Encoding)\n";
+const REJECT: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nx-mtls-sidecar-error: malformed_request\r\nconnection: close\r\ncontent-length: 93\r\n\r\nmtls-sidecar: malformed request head (bare LF, or both Content-Length and Transfer-Encoding)\n";
+
+/// Written when a started head did not complete within `header_read_timeout`.
+const TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nx-mtls-sidecar-error: header_timeout\r\nconnection: close\r\ncontent-length: 73\r\n\r\nmtls-sidecar: the request head did not arrive within header_read_timeout\n";
 
 /// Shared between the IO wrapper and the service handling the connection's requests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HeadState {
     expecting_head: AtomicBool,
     /// The connection may switch protocols (a WebSocket upgrade is being forwarded): what
     /// follows is not HTTP/1 and must never be scanned as a head.
     upgrading: AtomicBool,
     violation: AtomicU8,
+    /// Requests whose response has not been sent completely.
+    in_flight: AtomicUsize,
+    /// When the connection last became idle (no request in flight), in ms since `born`.
+    idle_since_ms: AtomicU64,
+    /// Closed by the keep-alive idle timeout.
+    idle_closed: AtomicBool,
+    born: Instant,
+}
+
+impl Default for HeadState {
+    fn default() -> Self {
+        HeadState {
+            expecting_head: AtomicBool::new(false),
+            upgrading: AtomicBool::new(false),
+            violation: AtomicU8::new(0),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            idle_closed: AtomicBool::new(false),
+            born: Instant::now(),
+        }
+    }
+}
+
+/// A request being answered; dropped when its response has been sent completely (or was
+/// abandoned). Until then the connection is not idle.
+#[derive(Debug)]
+pub struct InFlight(Arc<HeadState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let s = &self.0;
+        let now = u64::try_from(s.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        s.idle_since_ms.store(now, Ordering::Release);
+        s.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What the guard refused, if anything.
@@ -36,6 +82,8 @@ pub enum Violation {
     BareLf,
     /// Both Content-Length and Transfer-Encoding.
     ClAndTe,
+    /// A head started but did not complete within `header_read_timeout` (answered 408).
+    HeadTimeout,
 }
 
 impl HeadState {
@@ -52,6 +100,26 @@ impl HeadState {
         self.upgrading.store(true, Ordering::Release);
     }
 
+    /// A request arrived; keep the returned value until its response has been sent.
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// How long the connection has had no request in flight (`None` while one is).
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        Some(self.born.elapsed().saturating_sub(since))
+    }
+
+    /// Whether the guard closed the connection for being idle past `keepalive_timeout`.
+    pub fn idle_closed(&self) -> bool {
+        self.idle_closed.load(Ordering::Acquire)
+    }
+
     /// Whether `upgrading` was called.
     pub fn is_upgrading(&self) -> bool {
         self.upgrading.load(Ordering::Acquire)
@@ -62,6 +130,7 @@ impl HeadState {
         match self.violation.load(Ordering::Acquire) {
             1 => Some(Violation::BareLf),
             2 => Some(Violation::ClAndTe),
+            3 => Some(Violation::HeadTimeout),
             _ => None,
         }
     }
@@ -75,8 +144,34 @@ enum Mode {
     Body,
     /// h2c: nothing to check.
     Off,
-    /// Writing the 400; then EOF.
-    Rejecting(usize),
+    /// Writing a refusal (400 or 408); then EOF.
+    Rejecting(&'static [u8], usize),
+}
+
+/// Which deadline the guard's timer stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Armed {
+    /// Off: a request is being answered, or its body read.
+    Off,
+    /// Between requests: `keepalive_timeout` from when the last response was sent.
+    Idle,
+    /// A head has started: `header_read_timeout` from its first byte.
+    Head,
+}
+
+/// The HTTP/1.1 deadlines of one connection.
+struct Deadlines {
+    header_read: Duration,
+    keepalive: Duration,
+    sleep: Pin<Box<Sleep>>,
+    armed: Armed,
+}
+
+impl Deadlines {
+    fn arm(&mut self, what: Armed, after: Duration) {
+        self.armed = what;
+        self.sleep.as_mut().reset(tokio::time::Instant::now() + after);
+    }
 }
 
 /// The IO wrapper.
@@ -98,6 +193,9 @@ pub struct HeadGuard<IO> {
     /// `http::sniff`), handed to hyper first.
     replay: [u8; 2],
     replay_len: u8,
+    /// A byte of the current head has arrived.
+    head_started: bool,
+    deadlines: Option<Deadlines>,
 }
 
 impl<IO> HeadGuard<IO> {
@@ -118,8 +216,28 @@ impl<IO> HeadGuard<IO> {
             seen_content: false,
             replay: [0; 2],
             replay_len: 0,
+            head_started: false,
+            deadlines: None,
         };
         (g, state)
+    }
+
+    /// Keeps the HTTP/1.1 deadlines (see the module documentation). The first head, whose
+    /// first bytes have already arrived, must be complete by `first_head_by`. Needs a Tokio
+    /// runtime with time enabled.
+    pub fn with_deadlines(mut self, header_read: Duration, keepalive: Duration, first_head_by: Instant) -> Self {
+        self.head_started = true;
+        self.deadlines = Some(Deadlines {
+            header_read,
+            keepalive,
+            sleep: Box::pin(tokio::time::sleep_until(first_head_by.into())),
+            armed: if self.mode == Mode::Off {
+                Armed::Off
+            } else {
+                Armed::Head
+            },
+        });
+        self
     }
 
     /// The protocol is already known from the first bytes (`h2`: the h2c preface), and
@@ -139,6 +257,7 @@ impl<IO> HeadGuard<IO> {
 
     fn start_head(&mut self) {
         self.mode = Mode::Head;
+        self.head_started = false;
         self.prev = b'\n';
         self.line_start = true;
         self.name_len = 0;
@@ -195,14 +314,59 @@ impl<IO> HeadGuard<IO> {
     }
 }
 
+impl<IO> HeadGuard<IO> {
+    /// Before a read in `Head` mode: between requests, once the last response has been sent,
+    /// the idle deadline runs.
+    fn arm_idle(&mut self) {
+        let Some(d) = self.deadlines.as_mut() else {
+            return;
+        };
+        if self.mode != Mode::Head || self.head_started {
+            return;
+        }
+        let idle = self.state.in_flight.load(Ordering::Acquire) == 0;
+        match (d.armed, idle) {
+            (Armed::Off, true) => {
+                let after = d.keepalive;
+                d.arm(Armed::Idle, after);
+            }
+            (Armed::Idle, false) => d.armed = Armed::Off,
+            _ => {}
+        }
+    }
+
+    /// After a read that returned `new` in `Head` mode (before scanning it).
+    fn on_head_bytes(&mut self, new: &[u8]) {
+        if self.head_started || new.is_empty() {
+            return;
+        }
+        self.head_started = true;
+        if let Some(d) = self.deadlines.as_mut() {
+            let after = d.header_read;
+            d.arm(Armed::Head, after);
+        }
+    }
+
+    /// The read would block: has a deadline passed? `Some(true)` for the idle one.
+    fn deadline_passed(&mut self, cx: &mut Context<'_>) -> Option<bool> {
+        let d = self.deadlines.as_mut()?;
+        if d.armed == Armed::Off || d.sleep.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        let idle = d.armed == Armed::Idle;
+        d.armed = Armed::Off;
+        Some(idle)
+    }
+}
+
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if let Mode::Rejecting(done) = this.mode {
-                if done < REJECT.len() {
-                    let n = std::task::ready!(Pin::new(&mut this.io).poll_write(cx, &REJECT[done..]))?;
-                    this.mode = Mode::Rejecting(done + n);
+            if let Mode::Rejecting(reply, done) = this.mode {
+                if done < reply.len() {
+                    let n = std::task::ready!(Pin::new(&mut this.io).poll_write(cx, &reply[done..]))?;
+                    this.mode = Mode::Rejecting(reply, done + n);
                     if n == 0 {
                         return Poll::Ready(Ok(()));
                     }
@@ -214,29 +378,56 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<IO> {
             }
             if this.mode != Mode::Off && this.state.upgrading.load(Ordering::Acquire) {
                 this.mode = Mode::Off;
+                if let Some(d) = this.deadlines.as_mut() {
+                    d.armed = Armed::Off;
+                }
             }
             if this.mode == Mode::Body && this.state.expecting_head.swap(false, Ordering::AcqRel) {
                 this.start_head();
             }
+            this.arm_idle();
             let before = buf.filled().len();
             if this.replay_len > 0 && buf.remaining() > 0 {
                 let n = usize::from(this.replay_len).min(buf.remaining());
                 buf.put_slice(&this.replay[..n]);
                 this.replay.copy_within(n.., 0);
                 this.replay_len = u8::try_from(usize::from(this.replay_len) - n).unwrap_or(0);
+            } else if let Poll::Ready(r) = Pin::new(&mut this.io).poll_read(cx, buf) {
+                r?;
             } else {
-                std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+                match this.deadline_passed(cx) {
+                    None => return Poll::Pending,
+                    Some(true) => {
+                        // Idle past keepalive_timeout: EOF between requests, a quiet close.
+                        this.state.idle_closed.store(true, Ordering::Release);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Some(false) => {
+                        this.state
+                            .violation
+                            .store(Violation::HeadTimeout as u8 + 1, Ordering::Release);
+                        this.mode = Mode::Rejecting(TIMEOUT, 0);
+                        continue;
+                    }
+                }
             }
             let new = &buf.filled()[before..];
             if this.mode == Mode::Detect && !new.is_empty() {
                 this.mode = if new.starts_with(b"PRI") { Mode::Off } else { Mode::Head };
             }
             if this.mode == Mode::Head {
+                this.on_head_bytes(new);
                 if let Some(v) = this.scan(new) {
                     this.state.violation.store(v as u8 + 1, Ordering::Release);
                     buf.set_filled(before);
-                    this.mode = Mode::Rejecting(0);
+                    this.mode = Mode::Rejecting(REJECT, 0);
                     continue;
+                }
+                if this.mode == Mode::Body
+                    && let Some(d) = this.deadlines.as_mut()
+                {
+                    // The head is complete: no deadline while the request is answered.
+                    d.armed = Armed::Off;
                 }
             }
             return Poll::Ready(Ok(()));
@@ -285,6 +476,16 @@ mod tests {
         let (mut g, _) = HeadGuard::new(());
         g.start_head();
         g.scan(head)
+    }
+
+    #[test]
+    fn canned_replies_declare_their_body_length() {
+        for reply in [REJECT, TIMEOUT] {
+            let text = std::str::from_utf8(reply).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let len = head.lines().find_map(|l| l.strip_prefix("content-length: ")).unwrap();
+            assert_eq!(len.parse::<usize>().unwrap(), body.len(), "{head}");
+        }
     }
 
     #[test]
