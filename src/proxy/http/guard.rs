@@ -160,17 +160,39 @@ enum Armed {
 }
 
 /// The HTTP/1.1 deadlines of one connection.
+///
+/// The timer is lazy: moving the deadline later (every request does) only records it, and
+/// the timer, when it fires early, is re-armed for the recorded deadline. Only an earlier
+/// deadline resets it at once. That keeps timer-wheel work off the per-request path.
 struct Deadlines {
     header_read: Duration,
     keepalive: Duration,
     sleep: Pin<Box<Sleep>>,
+    deadline: tokio::time::Instant,
     armed: Armed,
 }
 
 impl Deadlines {
     fn arm(&mut self, what: Armed, after: Duration) {
         self.armed = what;
-        self.sleep.as_mut().reset(tokio::time::Instant::now() + after);
+        self.deadline = tokio::time::Instant::now() + after;
+        if self.deadline < self.sleep.deadline() {
+            self.sleep.as_mut().reset(self.deadline);
+        }
+    }
+
+    /// Whether the armed deadline has passed (registers for a wake-up if not).
+    fn passed(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if tokio::time::Instant::now() >= self.deadline {
+                return true;
+            }
+            let d = self.deadline;
+            self.sleep.as_mut().reset(d);
+        }
     }
 }
 
@@ -227,10 +249,12 @@ impl<IO> HeadGuard<IO> {
     /// runtime with time enabled.
     pub fn with_deadlines(mut self, header_read: Duration, keepalive: Duration, first_head_by: Instant) -> Self {
         self.head_started = true;
+        let first_head_by = tokio::time::Instant::from_std(first_head_by);
         self.deadlines = Some(Deadlines {
             header_read,
             keepalive,
-            sleep: Box::pin(tokio::time::sleep_until(first_head_by.into())),
+            sleep: Box::pin(tokio::time::sleep_until(first_head_by)),
+            deadline: first_head_by,
             armed: if self.mode == Mode::Off {
                 Armed::Off
             } else {
@@ -350,7 +374,7 @@ impl<IO> HeadGuard<IO> {
     /// The read would block: has a deadline passed? `Some(true)` for the idle one.
     fn deadline_passed(&mut self, cx: &mut Context<'_>) -> Option<bool> {
         let d = self.deadlines.as_mut()?;
-        if d.armed == Armed::Off || d.sleep.as_mut().poll(cx).is_pending() {
+        if d.armed == Armed::Off || !d.passed(cx) {
             return None;
         }
         let idle = d.armed == Armed::Idle;
