@@ -198,6 +198,9 @@ pub struct Limits {
     /// Per-connection, per-direction buffer for streamed bodies and TCP relays.
     #[serde(default = "default_buffer_bytes")]
     pub buffer_bytes: usize,
+    /// Largest request body in bytes (413 above); `null`: no limit (bodies are streamed).
+    #[serde(default)]
+    pub max_request_body: Option<u64>,
 }
 
 impl Default for Limits {
@@ -209,6 +212,7 @@ impl Default for Limits {
             header_read_timeout: default_header_read_timeout(),
             keepalive_timeout: default_keepalive_timeout(),
             buffer_bytes: default_buffer_bytes(),
+            max_request_body: None,
         }
     }
 }

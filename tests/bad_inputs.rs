@@ -167,6 +167,100 @@ async fn a3_oversized_headers_get_431() {
     assert_eq!(f.denied("header_too_large"), 2.0);
 }
 
+/// A streamed body of `left` chunks of `size` bytes, with no declared length (h2c: no
+/// content-length).
+struct Unsized {
+    left: usize,
+    size: usize,
+}
+
+impl http_body::Body for Unsized {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        let chunk = Bytes::from(vec![b'x'; self.size]);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+    }
+}
+
+fn unsized_body(left: usize, size: usize) -> Unsized {
+    Unsized { left, size }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a4_bodies_over_max_request_body_get_413() {
+    let f = fixture("max_request_body: 1024").await;
+    // Declared too large: refused before any upstream connection.
+    let mut s = TcpStream::connect(f.http()).await.unwrap();
+    s.write_all(format!("POST /x HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: 2048\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (text, _) = read_until_closed(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("x-mtls-sidecar-error: body_too_large"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    assert_eq!(
+        f.accepts(),
+        0,
+        "no upstream connection for a body that is refused anyway"
+    );
+    // At the limit: forwarded whole.
+    let mut s = TcpStream::connect(f.http()).await.unwrap();
+    let body = "y".repeat(1024);
+    s.write_all(format!("POST /x HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: 1024\r\n\r\n{body}").as_bytes())
+        .await
+        .unwrap();
+    let text = read_response(&mut s).await;
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("\"body_len\":1024"),
+        "{text}"
+    );
+    // Chunked, no declared length: counted while streaming, then 413 (the upstream waits for
+    // the whole body before answering, so no response had started).
+    let mut s = TcpStream::connect(f.http()).await.unwrap();
+    let chunk = format!("400\r\n{}\r\n", "z".repeat(1024));
+    s.write_all(
+        format!("POST /x HTTP/1.1\r\nHost: {NAME}\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}{chunk}").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (text, _) = read_until_closed(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    // h2c without content-length: the same.
+    let tcp = TcpStream::connect(f.http()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://{NAME}/x"))
+        .body(unsized_body(4, 512))
+        .unwrap();
+    let resp = tokio::time::timeout(STEP, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.headers()["x-mtls-sidecar-error"], "body_too_large");
+    let req = Request::post(format!("http://{NAME}/x"))
+        .body(unsized_body(2, 512))
+        .unwrap();
+    let resp = tokio::time::timeout(STEP, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200, "a body at the limit passes on the same connection");
+    assert_eq!(f.denied("body_too_large"), 3.0);
+}
+
 /// Reads one HTTP/1.1 response with a Content-Length body; returns its text.
 async fn read_response(s: &mut TcpStream) -> String {
     let mut buf = Vec::new();

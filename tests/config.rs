@@ -265,3 +265,20 @@ log: { level: info, fromat: json }
         assert!(e.message.contains(&format!("unknown field `{field}`")), "{e}");
     }
 }
+
+#[test]
+fn limits_that_would_refuse_everything_are_refused() {
+    let p = problems(&with(
+        "limits: { max_request_body: 0, keepalive_timeout: 0s, header_read_timeout: 0s }\n",
+    ));
+    for path in [
+        "limits.max_request_body",
+        "limits.keepalive_timeout",
+        "limits.header_read_timeout",
+    ] {
+        problem_at(&p, path);
+    }
+    let c = config(&with("limits: { max_request_body: 1048576, keepalive_timeout: 90s }\n"));
+    assert_eq!(c.limits.max_request_body, Some(1 << 20));
+    assert_eq!(c.limits.keepalive_timeout.0, Duration::from_secs(90));
+}

@@ -174,6 +174,12 @@ fn global(c: &Config, r: &mut Report) {
     if l.header_read_timeout.0.is_zero() {
         r.err("limits.header_read_timeout", "must be above 0");
     }
+    if l.max_request_body == Some(0) {
+        r.err(
+            "limits.max_request_body",
+            "`0` would refuse every body; use null for no limit",
+        );
+    }
     if l.keepalive_timeout.0.is_zero() {
         r.err("limits.keepalive_timeout", "must be above 0");
     }

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
@@ -53,6 +53,7 @@ const DENY_REASONS: &[&str] = &[
     "header_too_large",
     "header_timeout",
     "overloaded",
+    "body_too_large",
 ];
 
 /// How long a connection opened during the drain may stay before it is asked to finish.
@@ -71,6 +72,8 @@ pub struct HttpProxy {
     header_read_timeout: Duration,
     /// How long an app connection may stay idle between requests.
     keepalive_timeout: Duration,
+    /// Largest request body, if limited.
+    max_request_body: Option<u64>,
     rotation_drain: Duration,
 }
 
@@ -200,6 +203,7 @@ impl HttpProxy {
             h2,
             header_read_timeout: l.header_read_timeout.0,
             keepalive_timeout: l.keepalive_timeout.0,
+            max_request_body: l.max_request_body,
             rotation_drain: config.rotation_drain_timeout.0,
         }))
     }
@@ -478,6 +482,12 @@ impl HttpProxy {
             );
         };
         let mapping = route.value.clone();
+        if let Some(max) = self.max_request_body
+            && let Some(len) = http_body::Body::size_hint(req.body()).exact()
+            && len > max
+        {
+            return self.too_large(&mapping, started, max, req.version());
+        }
         let websocket = mapping.allow_websocket && req.version() == Version::HTTP_11 && wants_websocket(req.headers());
         let downstream_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         if websocket {
@@ -570,7 +580,18 @@ impl HttpProxy {
         let mut connect_retries = mapping.retries_on_connect;
         let mut reset_retries = mapping.retries_on_reset;
         let mut unsent_retries = 2u32;
-        let mut pending = Some((parts, ReqBody::new(incoming, counter).notify_end(head)));
+        let mut body = ReqBody::new(incoming, counter).notify_end(head);
+        // A body of unknown length is counted as it streams; past the limit it fails, and
+        // the exchange is answered 413 if no response had started.
+        let over_limit = match self.max_request_body {
+            Some(max) if !bodyless => {
+                let over = Arc::new(AtomicBool::new(false));
+                body = body.limit(max, over.clone());
+                Some((max, over))
+            }
+            _ => None,
+        };
+        let mut pending = Some((parts, body));
         loop {
             let Checkout { sender, meta, reused } = match self.pool.checkout(key, &spec).await {
                 Ok(c) => c,
@@ -665,6 +686,16 @@ impl HttpProxy {
                         pending = Some(unsent.into_parts());
                         continue;
                     }
+                    if let Some((max, over)) = &over_limit
+                        && over.load(Ordering::Acquire)
+                    {
+                        let version = if h2_downstream {
+                            Version::HTTP_2
+                        } else {
+                            Version::HTTP_11
+                        };
+                        return self.too_large(&mapping, started, *max, version);
+                    }
                     let e = err.into_error();
                     // A TLS alert read on this connection is the real cause (h2 hides it).
                     let kind = meta.tls_failure.get().copied().unwrap_or_else(|| classify_hyper(&e));
@@ -746,6 +777,25 @@ impl HttpProxy {
             },
         };
         Response::from_parts(parts, body)
+    }
+
+    /// 413: the request body is (or grew) larger than `limits.max_request_body`. The rest of
+    /// the body is not read, so an HTTP/1.1 connection closes after the answer.
+    fn too_large(&self, mapping: &HttpMapping, started: Instant, max: u64, version: Version) -> Response<RespBody> {
+        mapping.count(StatusCode::PAYLOAD_TOO_LARGE.as_u16());
+        mapping.duration.record(started.elapsed().as_secs_f64());
+        let mut r = self.deny(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!(
+                "the request body is larger than limits.max_request_body ({max} bytes); send less, or raise the limit"
+            ),
+        );
+        if version != Version::HTTP_2 {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
     }
 
     fn fail(&self, mapping: &HttpMapping, started: Instant, e: &UpstreamError) -> Response<RespBody> {

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -14,12 +14,25 @@ use hyper::body::Incoming;
 use super::guard::{HeadState, InFlight};
 use super::log::RequestLog;
 
+/// Why a request body stopped short: it grew past `limits.max_request_body`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than limits.max_request_body ({limit} bytes)")]
+pub struct BodyTooLarge {
+    /// The limit.
+    pub limit: u64,
+}
+
+/// Errors a request body can end with on its way upstream.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The app's request body on its way upstream.
 #[derive(Debug)]
 pub struct ReqBody {
     inner: Option<Incoming>,
     bytes: Option<Arc<AtomicU64>>,
     on_end: Option<Arc<HeadState>>,
+    /// Counting toward `limits.max_request_body`; raises the flag when the body outgrew it.
+    limit: Option<(u64, u64, Arc<AtomicBool>)>,
 }
 
 impl ReqBody {
@@ -29,6 +42,7 @@ impl ReqBody {
             inner: None,
             bytes: None,
             on_end: None,
+            limit: None,
         }
     }
 
@@ -38,7 +52,15 @@ impl ReqBody {
             inner: Some(inner),
             bytes,
             on_end: None,
+            limit: None,
         }
+    }
+
+    /// Fails the body once more than `max` bytes came; `over` is raised then, so that the
+    /// failed exchange can be answered 413 rather than 502.
+    pub fn limit(mut self, max: u64, over: Arc<AtomicBool>) -> Self {
+        self.limit = Some((max, 0, over));
+        self
     }
 
     /// Tells `head` when the body has been read to its end (the next bytes are a new head).
@@ -50,9 +72,9 @@ impl ReqBody {
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -61,12 +83,22 @@ impl Body for ReqBody {
         if let (Poll::Ready(None), Some(h)) = (&r, this.on_end.take()) {
             h.request_done();
         }
-        if let (Poll::Ready(Some(Ok(f))), Some(b)) = (&r, &this.bytes)
+        if let Poll::Ready(Some(Ok(f))) = &r
             && let Some(d) = f.data_ref()
         {
-            b.fetch_add(d.len() as u64, Ordering::Relaxed);
+            if let Some(b) = &this.bytes {
+                b.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+            if let Some((max, seen, over)) = this.limit.as_mut() {
+                *seen += d.len() as u64;
+                if *seen > *max {
+                    over.store(true, Ordering::Release);
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: *max }))));
+                }
+            }
         }
-        r
+        r.map(|o| o.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
