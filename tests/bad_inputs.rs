@@ -241,22 +241,19 @@ async fn a4_bodies_over_max_request_body_get_413() {
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = Request::post(format!("http://{NAME}/x"))
-        .body(unsized_body(4, 512))
-        .unwrap();
-    let resp = tokio::time::timeout(STEP, sender.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut post = async |chunks| {
+        let req = Request::post(format!("http://{NAME}/x"))
+            .body(unsized_body(chunks, 512))
+            .unwrap();
+        tokio::time::timeout(STEP, sender.send_request(req))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let resp = post(4).await;
     assert_eq!(resp.status(), 413);
     assert_eq!(resp.headers()["x-mtls-sidecar-error"], "body_too_large");
-    let req = Request::post(format!("http://{NAME}/x"))
-        .body(unsized_body(2, 512))
-        .unwrap();
-    let resp = tokio::time::timeout(STEP, sender.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
+    let resp = post(2).await;
     assert_eq!(resp.status(), 200, "a body at the limit passes on the same connection");
     assert_eq!(f.denied("body_too_large"), 3.0);
 }
